@@ -1,0 +1,1 @@
+"""labvirt: disposable, isolated Linux environments on KubeVirt for interactive learning."""
