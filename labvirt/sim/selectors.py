@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from labvirt.sim.errors import ApiError, bad_request
@@ -150,10 +150,13 @@ SUPPORTED_FIELDS: dict[str, FieldGetter] = {
 @dataclass(frozen=True)
 class FieldSelector:
     terms: tuple[tuple[str, bool, str], ...] = ()  # (field, equal?, value)
+    getters: Mapping[str, FieldGetter] = field(
+        default_factory=lambda: SUPPORTED_FIELDS, compare=False, hash=False, repr=False
+    )
 
     def matches(self, obj: dict[str, Any]) -> bool:
-        for field, equal, value in self.terms:
-            actual = SUPPORTED_FIELDS[field](obj) or ""
+        for name, equal, value in self.terms:
+            actual = self.getters[name](obj) or ""
             if (actual == value) != equal:
                 return False
         return True
@@ -166,9 +169,13 @@ class FieldSelector:
         return None
 
 
-def parse_field_selector(text: str | None) -> FieldSelector:
+def parse_field_selector(
+    text: str | None, supported: Mapping[str, FieldGetter] | None = None
+) -> FieldSelector:
+    """Parse ``a=b,c==d,e!=f`` over ``supported`` fields (default: name and namespace)."""
+    getters = SUPPORTED_FIELDS if supported is None else supported
     if not text or not text.strip():
-        return FieldSelector()
+        return FieldSelector(getters=getters)
     terms: list[tuple[str, bool, str]] = []
     for raw in text.split(","):
         part = raw.strip()
@@ -178,7 +185,7 @@ def parse_field_selector(text: str | None) -> FieldSelector:
                 break
         else:
             raise bad_request(f"invalid selector: '{text}'; can't understand '{part}'")
-        if field not in SUPPORTED_FIELDS:
-            raise bad_request(f'field label not supported: {field}')
+        if field not in getters:
+            raise bad_request(f"field label not supported: {field}")
         terms.append((field, equal, value))
-    return FieldSelector(tuple(terms))
+    return FieldSelector(tuple(terms), getters)

@@ -248,12 +248,18 @@ class Store:
         fields: FieldSelector | None = None,
         limit: int | None = None,
         continue_token: str | None = None,
+        copy_items: bool = True,
     ) -> Obj:
+        """A list response. ``copy_items=False`` hands out the stored (read-only) objects, for
+        a caller that only serialises them."""
         labels = labels or LabelSelector()
         fields = fields or FieldSelector()
-        start_after = ""
+        start_after: tuple[str, str] | None = None
         if continue_token:
-            start_after = self._decode_continue(continue_token)
+            # Keys sort as (namespace, name) tuples; comparing "ns/name" strings would skip
+            # objects when one namespace's name is a prefix of another's ("a" and "a-b").
+            ns_after, _, name_after = self._decode_continue(continue_token).partition("/")
+            start_after = (ns_after, name_after)
         if limit is not None and limit < 0:
             raise bad_request("limit must be a non-negative integer")
         objects = self._objects[resource]
@@ -266,7 +272,7 @@ class Store:
             if namespace is not None and ns != namespace:
                 continue
             flat = f"{ns}/{name}"
-            if start_after and flat <= start_after:
+            if start_after is not None and key <= start_after:
                 continue
             obj = objects[key]
             if not labels.matches(obj.get("metadata", {}).get("labels")):
@@ -286,7 +292,7 @@ class Store:
             "kind": resource.list_kind,
             "apiVersion": resource.api_version,
             "metadata": metadata,
-            "items": [clone(o) for o in items],
+            "items": [clone(o) for o in items] if copy_items else items,
         }
 
     def _encode_continue(self, last_key: str) -> str:
@@ -312,7 +318,10 @@ class Store:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def create(self, resource: ResourceType, namespace: str | None, body: Obj) -> Obj:
+    def create(
+        self, resource: ResourceType, namespace: str | None, body: Obj, *, dry_run: bool = False
+    ) -> Obj:
+        """Store a new object; ``dry_run`` runs every check and admission but stores nothing."""
         obj = clone(body)
         self._check_kind(resource, obj)
         meta = obj.setdefault("metadata", {})
@@ -345,6 +354,8 @@ class Store:
         admission = self._admission.get(resource)
         if admission is not None:
             admission.on_create(obj)
+        if dry_run:
+            return obj
         self._commit(resource, "ADDED", obj, None)
         return clone(obj)
 
@@ -356,6 +367,7 @@ class Store:
         body: Obj,
         *,
         require_resource_version: bool = True,
+        dry_run: bool = False,
     ) -> Obj:
         """A user's PUT (or a patch result): optimistic concurrency, admission, generation."""
         current = self._stored(resource, namespace, name)
@@ -403,6 +415,8 @@ class Store:
             return clone(current)
         if new.get("spec") != current.get("spec"):
             meta["generation"] = int(old_meta.get("generation", 1)) + 1
+        if dry_run:
+            return new
         self._commit(resource, "MODIFIED", new, current)
         return clone(self._objects[resource].get((namespace or "", name), new))
 
@@ -432,6 +446,7 @@ class Store:
         *,
         grace_period_seconds: int | None = None,
         preconditions: Obj | None = None,
+        dry_run: bool = False,
     ) -> tuple[Obj, bool]:
         """Returns (object, removed). With finalizers left, deletion only marks the object."""
         current = self._stored(resource, namespace, name)
@@ -459,9 +474,12 @@ class Store:
             new["metadata"]["deletionGracePeriodSeconds"] = (
                 grace_period_seconds if grace_period_seconds is not None else 0
             )
+            if dry_run:
+                return new, False
             self._commit(resource, "MODIFIED", new, current)
             return clone(new), False
-        self._remove(resource, current)
+        if not dry_run:
+            self._remove(resource, current)
         return clone(current), True
 
     # -- watch ------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+# labvirt: make help lists what you can do.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install labvirt with its dev tools (idempotent)
+
+.PHONY: run
+run: install ## Run the whole system locally (Redis, simulator, API, worker, beat)
+	$(BIN)/labvirt dev
+
+.PHONY: test
+test: install ## Run the test suite (unit, simulator, end-to-end with real processes)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: install ## Run only the fast unit tests
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## ruff, mypy and the import-linter contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy labvirt shared services
+	$(BIN)/lint-imports
+
+.PHONY: format
+format: install ## Format and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: bench
+bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
+	$(BIN)/python -m benchmarks.run
+
+.PHONY: clean
+clean: ## Remove the virtualenv, caches and dev state
+	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,96 @@
+"""``labvirt``: one command for every process of the system.
+
+    labvirt api       the HTTP API (gunicorn)
+    labvirt worker    a Celery worker: provisioning, teardown, maintenance
+    labvirt beat      the Celery beat scheduler (reaper ticks)
+    labvirt sim       the KubeVirt simulator
+    labvirt dev       all of the above on one machine, for a newcomer
+
+Every service reads its configuration from the environment (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from shared.config import ConfigError, Settings
+
+
+def _settings(process: str) -> Settings:
+    from shared.logging import configure_logging  # noqa: PLC0415 - keep `--help` fast
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"labvirt {process}: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    configure_logging(settings, process=process)
+    return settings
+
+
+def run_api(_: argparse.Namespace) -> int:
+    from services.api.server import serve  # noqa: PLC0415
+
+    serve(_settings("api"))
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from labvirt.celery_process import start_worker  # noqa: PLC0415
+
+    settings = _settings("worker")
+    start_worker(settings, queues=args.queues, name=f"labvirt-{os.getpid()}@{socket.gethostname()}")
+    return 0
+
+
+def run_beat(_: argparse.Namespace) -> int:
+    from labvirt.celery_process import start_beat  # noqa: PLC0415
+
+    start_beat(_settings("beat"))
+    return 0
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    from labvirt.sim.app import main as sim_main  # noqa: PLC0415
+
+    return sim_main(args.sim_args)
+
+
+def run_dev(args: argparse.Namespace) -> int:
+    from labvirt.dev import main as dev_main  # noqa: PLC0415
+
+    return dev_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labvirt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("api", help="serve the HTTP API").set_defaults(run=run_api)
+    worker = commands.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default=None,
+                        help="comma-separated queues (default: all of labvirt's)")
+    worker.set_defaults(run=run_worker)
+    commands.add_parser("beat", help="run the Celery beat scheduler").set_defaults(run=run_beat)
+    sim = commands.add_parser("sim", help="run the KubeVirt simulator", add_help=False)
+    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
+    sim.set_defaults(run=run_sim)
+    dev = commands.add_parser("dev", help="run the whole system locally")
+    dev.add_argument("--sim-boot-seconds", type=float, default=8.0,
+                     help="median VM boot time of the simulator (default 8)")
+    dev.add_argument("--run-dir", default=".run", help="where dev keeps its files (default .run)")
+    dev.set_defaults(run=run_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.run(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""``labvirt dev``: the whole system on one machine, for a newcomer.
+
+Redis from ``REDIS_URL`` or an embedded one; the cluster from ``LABVIRT_KUBECONFIG`` or a
+simulator; then the API, a worker and beat as child processes with their logs interleaved.
+Ctrl-C stops everything and leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from shared.adapters.redis_server import EmbeddedRedis, answers, free_port
+
+_PR_SET_PDEATHSIG = 1
+_COLOURS = {"dev": 37, "sim": 35, "api": 32, "worker": 36, "beat": 33}
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if ``labvirt dev`` itself is killed (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._print_lock = threading.Lock()
+        self._width = max(len(n) for n in _COLOURS)
+        self._tty = sys.stdout.isatty()
+
+    def say(self, name: str, line: str) -> None:
+        label = name.ljust(self._width)
+        if self._tty:
+            label = f"\033[{_COLOURS.get(name, 37)}m{label}\033[0m"
+        with self._print_lock:
+            print(f"{label} | {line}", flush=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        self.children.append((name, process))
+        threading.Thread(target=self._pump, args=(name, process), daemon=True).start()
+        return process
+
+    def _pump(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            self.say(name, raw.decode(errors="replace").rstrip())
+
+    def exited(self) -> tuple[str, int] | None:
+        for name, process in self.children:
+            code = process.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for _, process in reversed(self.children):
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for name, process in reversed(self.children):
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.say(name, "did not stop in time; killing it")
+                process.kill()
+                process.wait()
+
+
+def _wait_for(predicate: object, *, timeout: float, what: str, sup: Supervisor) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        failed = sup.exited()
+        if failed:
+            raise RuntimeError(f"{failed[0]} exited with code {failed[1]} while waiting for {what}")
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def main(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["LABVIRT_MODE"] = "dev"
+    env.setdefault("LABVIRT_LOG_FORMAT", "console")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    sup = Supervisor()
+    embedded: EmbeddedRedis | None = None
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    python = sys.executable
+    try:
+        redis_url = env.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+        if answers(redis_url):
+            sup.say("dev", f"using Redis at {redis_url}")
+        else:
+            embedded = EmbeddedRedis(workdir=run_dir / "redis").start()
+            redis_url = embedded.url
+            sup.say("dev", f"no Redis answered; started an embedded one at {redis_url}")
+        env["REDIS_URL"] = redis_url
+
+        if not env.get("LABVIRT_KUBECONFIG") and not env.get("LABVIRT_CLUSTERS"):
+            kubeconfig = run_dir / "sim.kubeconfig"
+            kubeconfig.unlink(missing_ok=True)
+            sup.start("sim", [
+                python, "-m", "labvirt.sim.app", "--port", "0", "--kubeconfig", str(kubeconfig),
+                "--boot-seconds", str(args.sim_boot_seconds),
+            ], env)
+            _wait_for(kubeconfig.exists, timeout=30, what="the simulator", sup=sup)
+            env["LABVIRT_KUBECONFIG"] = str(kubeconfig)
+            sup.say("dev", f"simulated KubeVirt cluster: kubectl --kubeconfig {kubeconfig} get vmi")
+        else:
+            sup.say("dev", "using the cluster from LABVIRT_KUBECONFIG / LABVIRT_CLUSTERS")
+
+        frontend = env.get("LABVIRT_FRONTEND_TOKENS") or f"dev-frontend-{secrets.token_hex(12)}"
+        admin = env.get("LABVIRT_ADMIN_TOKENS") or f"dev-admin-{secrets.token_hex(12)}"
+        env["LABVIRT_FRONTEND_TOKENS"] = frontend
+        env["LABVIRT_ADMIN_TOKENS"] = admin
+        host = env.setdefault("LABVIRT_API_HOST", "127.0.0.1")
+        port = int(env.get("LABVIRT_API_PORT") or 8080)
+        if not _port_free(host, port):
+            new_port = free_port(host)
+            sup.say("dev", f"port {port} is taken; the API uses {new_port} instead")
+            port = new_port
+        env["LABVIRT_API_PORT"] = str(port)
+
+        for name in ("api", "worker", "beat"):
+            sup.start(name, [python, "-m", "labvirt.cli", name], env)
+        base = f"http://{host}:{port}"
+        _wait_for(lambda: _healthy(f"{base}/healthz"), timeout=60, what="the API", sup=sup)
+        token = frontend.split(",")[0]
+        banner = [
+            "",
+            f"labvirt is up: {base}",
+            f"frontend token: {token}",
+            f"admin token:    {admin.split(',')[0]}",
+            "",
+            "create an Ubuntu environment:",
+            f"  curl -s -X POST {base}/v1/sessions -H 'Authorization: Bearer {token}' "
+            "-H 'Content-Type: application/json' -d '{\"template\": \"ubuntu\", \"user\": \"alice\"}'",
+            "then follow it (use the id from the answer):",
+            f"  curl -s {base}/v1/sessions/ID -H 'Authorization: Bearer {token}'",
+            "",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+        for line in banner:
+            sup.say("dev", line)
+        while not stopping.is_set():
+            failed = sup.exited()
+            if failed:
+                sup.say("dev", f"{failed[0]} exited with code {failed[1]}; stopping everything")
+                return 1
+            stopping.wait(0.5)
+        sup.say("dev", "stopping")
+        return 0
+    except RuntimeError as exc:
+        sup.say("dev", f"error: {exc}")
+        return 1
+    finally:
+        sup.stop()
+        if embedded is not None:
+            embedded.stop()

@@ -1,0 +1,330 @@
+"""The Kubernetes adapter: KubeVirt VMIs and Services through the official client.
+
+Statuses become typed exceptions; transient failures (429 with Retry-After, 5xx, broken
+connections) are retried with capped, jittered backoff; 409 AlreadyExists on create and 404 on
+delete count as success, so every operation is safe to repeat. The cluster is an object, never
+a global: one per region.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import structlog
+import urllib3
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+from shared.config import Cluster as ClusterConfig
+
+log = structlog.get_logger(__name__)
+
+GROUP = "kubevirt.io"
+VERSION = "v1"
+VMI_PLURAL = "virtualmachineinstances"
+T = TypeVar("T")
+
+
+class KubeError(Exception):
+    """A failed Kubernetes call. ``transient`` ones may succeed when tried again."""
+
+    transient = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(KubeError):
+    pass
+
+
+class AlreadyExists(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    pass
+
+
+class Invalid(KubeError):
+    def __init__(self, message: str, *, status: int | None = None,
+                 causes: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message, status=status)
+        self.causes = causes or []
+
+
+class Expired(KubeError):
+    """410: the resourceVersion is older than the server's history; list again."""
+
+
+class TooManyRequests(KubeError):
+    transient = True
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float = 1.0) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class Unavailable(KubeError):
+    """5xx or a broken connection."""
+
+    transient = True
+
+
+def translate(exc: ApiException) -> KubeError:
+    status = exc.status or 0
+    body: dict[str, Any] = {}
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except (TypeError, ValueError):
+        body = {}
+    message = str(body.get("message") or exc.reason or f"HTTP {status}")
+    reason = body.get("reason")
+    if status == 404:
+        return NotFound(message, status=status)
+    if status == 409 and reason == "AlreadyExists":
+        return AlreadyExists(message, status=status)
+    if status == 409:
+        return Conflict(message, status=status)
+    if status == 410:
+        return Expired(message, status=status)
+    if status == 422:
+        causes = (body.get("details") or {}).get("causes") or []
+        return Invalid(message, status=status, causes=causes)
+    if status == 429:
+        headers = exc.headers or {}
+        retry_after = headers.get("Retry-After") or (body.get("details") or {}).get(
+            "retryAfterSeconds", 1
+        )
+        try:
+            delay = float(retry_after)
+        except (TypeError, ValueError):
+            delay = 1.0
+        return TooManyRequests(message, status=status, retry_after=delay)
+    if status >= 500 or status == 0:
+        return Unavailable(message, status=status)
+    return KubeError(message, status=status)
+
+
+class Retry:
+    """Bounded retries of transient failures: exponential backoff with full jitter, capped."""
+
+    def __init__(self, *, attempts: int = 8, base: float = 0.2, cap: float = 5.0,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.attempts = attempts
+        self.base = base
+        self.cap = cap
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+
+    def __call__(self, operation: Callable[[], T], *, what: str) -> T:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return call(operation)
+            except KubeError as exc:
+                if not exc.transient or attempt == self.attempts:
+                    raise
+                delay = self._rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
+                if isinstance(exc, TooManyRequests):
+                    delay = max(delay, min(self.cap, exc.retry_after))
+                log.debug("kube.retry", what=what, attempt=attempt, delay=round(delay, 3),
+                          error=str(exc))
+                self._sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def call(operation: Callable[[], T]) -> T:
+    """Run one client call, raising ``KubeError`` subclasses instead of client exceptions."""
+    try:
+        return operation()
+    except ApiException as exc:
+        raise translate(exc) from exc
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise Unavailable(f"connection failed: {exc}") from exc
+
+
+def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient:
+    configuration = client.Configuration()
+    if cluster.kubeconfig is None:
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(
+            config_file=str(cluster.kubeconfig),
+            context=cluster.context,
+            client_configuration=configuration,
+            persist_config=False,
+        )
+    # Workers run many environments at once; the default pool of 4 would serialise them.
+    configuration.connection_pool_maxsize = pool_maxsize
+    configuration.retries = False
+    return client.ApiClient(configuration)
+
+
+class KubeCluster:
+    """One cluster's VMIs and Services in labvirt's namespace."""
+
+    def __init__(self, cluster: ClusterConfig, *, pool_maxsize: int = 32,
+                 request_timeout: float = 30.0, retry: Retry | None = None) -> None:
+        self.region = cluster.region
+        self.namespace = cluster.namespace
+        self._api_client = api_client(cluster, pool_maxsize=pool_maxsize)
+        self._custom = client.CustomObjectsApi(self._api_client)
+        self._core = client.CoreV1Api(self._api_client)
+        self._timeout = request_timeout
+        self._retry = retry or Retry()
+
+    def close(self) -> None:
+        self._api_client.close()
+
+    # -- VMIs -------------------------------------------------------------------------------
+
+    def create_vmi(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create, or return the one already there (same deterministic name)."""
+        name = body["metadata"]["name"]
+        try:
+            created: dict[str, Any] = self._retry(
+                lambda: self._custom.create_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, VMI_PLURAL, body,
+                    _request_timeout=self._timeout,
+                ),
+                what=f"create vmi {name}",
+            )
+        except AlreadyExists:
+            return self.get_vmi(name)
+        return created
+
+    def get_vmi(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._retry(
+            lambda: self._custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, VMI_PLURAL, name, _request_timeout=self._timeout
+            ),
+            what=f"get vmi {name}",
+        )
+        return result
+
+    def list_vmis(self, selector: str) -> tuple[list[dict[str, Any]], str]:
+        """Every VMI matching ``selector`` (all pages) and the list's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": selector, "limit": 500}
+            if token:
+                kwargs["_continue"] = token
+            page: dict[str, Any] = self._retry(
+                lambda kw=kwargs: self._custom.list_namespaced_custom_object(  # type: ignore[misc]
+                    GROUP, VERSION, self.namespace, VMI_PLURAL, _request_timeout=self._timeout,
+                    **kw,
+                ),
+                what="list vmis",
+            )
+            items.extend(page.get("items", []))
+            token = page.get("metadata", {}).get("continue")
+            if not token:
+                return items, str(page.get("metadata", {}).get("resourceVersion", ""))
+
+    def watch_vmis(self, selector: str, resource_version: str,
+                   timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Changes after ``resource_version`` until the server ends the stream.
+
+        Raises ``Expired`` when the version is too old (list again), and transient errors
+        as they come: the caller decides whether to list again.
+        """
+        stream = watch.Watch()
+        try:
+            events = stream.stream(
+                self._custom.list_namespaced_custom_object,
+                GROUP, VERSION, self.namespace, VMI_PLURAL,
+                label_selector=selector,
+                resource_version=resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout_seconds,
+                _request_timeout=timeout_seconds + 10,
+            )
+            while True:
+                try:
+                    event = call(lambda: next(events))
+                except StopIteration:
+                    return
+                event_type = event["type"]
+                if event_type == "BOOKMARK":
+                    continue
+                if event_type == "ERROR":
+                    status = event.get("raw_object") or event.get("object") or {}
+                    code = int(status.get("code", 500)) if isinstance(status, dict) else 500
+                    message = status.get("message", "watch error") if isinstance(
+                        status, dict) else str(status)
+                    if code == 410:
+                        raise Expired(message, status=410)
+                    raise Unavailable(message, status=code)
+                yield event_type, event["object"]
+        finally:
+            stream.stop()
+
+    def delete_vmis(self, selector: str) -> None:
+        """Ask for every matching VMI to go (finalizers may keep them a while)."""
+        self._retry(
+            lambda: self._custom.delete_collection_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, VMI_PLURAL, label_selector=selector,
+                _request_timeout=self._timeout,
+            ),
+            what="delete vmis",
+        )
+
+    def patch_vmi(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._retry(
+            lambda: self._custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, VMI_PLURAL, name, patch,
+                _request_timeout=self._timeout,
+            ),
+            what=f"patch vmi {name}",
+        )
+        return result
+
+    # -- Services ---------------------------------------------------------------------------
+
+    def create_service(self, body: dict[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        try:
+            self._retry(
+                lambda: self._core.create_namespaced_service(
+                    self.namespace, body, _request_timeout=self._timeout
+                ),
+                what=f"create service {name}",
+            )
+        except AlreadyExists:
+            return
+
+    def delete_services(self, selector: str) -> None:
+        services = self._retry(
+            lambda: self._core.list_namespaced_service(
+                self.namespace, label_selector=selector, _request_timeout=self._timeout
+            ),
+            what="list services",
+        )
+        for service in services.items:
+            name = service.metadata.name
+            try:
+                self._retry(
+                    lambda n=name: self._core.delete_namespaced_service(  # type: ignore[misc]
+                        n, self.namespace, _request_timeout=self._timeout
+                    ),
+                    what=f"delete service {name}",
+                )
+            except NotFound:
+                continue
+
+    def count_services(self, selector: str) -> int:
+        services = self._retry(
+            lambda: self._core.list_namespaced_service(
+                self.namespace, label_selector=selector, _request_timeout=self._timeout
+            ),
+            what="list services",
+        )
+        return len(services.items)

@@ -1,0 +1,226 @@
+"""labvirt's configuration: one frozen, typed object built from the environment in one place.
+
+Every process (API, worker, beat, dev) calls ``Settings.from_env()`` once at start-up and
+passes the result down; nothing else reads ``os.environ``. A bad value fails at once with a
+message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+class Mode(StrEnum):
+    DEV = "dev"
+    PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One Kubernetes cluster with KubeVirt, serving one region."""
+
+    region: str
+    kubeconfig: Path | None  # None: the in-cluster service account
+    context: str | None
+    namespace: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: Mode = Mode.PRODUCTION
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    clusters: tuple[Cluster, ...] = ()
+    default_region: str = "local"
+    api_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
+    api_port: int = 8080
+    api_threads: int = 32
+    frontend_tokens: frozenset[str] = field(default_factory=frozenset)
+    admin_tokens: frozenset[str] = field(default_factory=frozenset)
+    templates_path: Path | None = None
+    log_format: str = "json"
+    log_level: str = "INFO"
+    worker_concurrency: int = 16
+    kube_pool_maxsize: int = 32
+    reaper_interval_seconds: float = 5.0
+    reaper_batch: int = 500
+    idle_timeout_seconds: int | None = None  # overrides every template's when set
+    teardown_timeout_seconds: float = 120.0
+    kube_request_timeout_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = _Env(os.environ if environ is None else environ)
+        mode = env.choice("LABVIRT_MODE", [m.value for m in Mode], Mode.PRODUCTION.value)
+        namespace = env.string("LABVIRT_NAMESPACE", "default")
+        default_region = env.string("LABVIRT_DEFAULT_REGION", "local")
+        clusters = _clusters(env, default_region=default_region, namespace=namespace)
+        settings = cls(
+            mode=Mode(mode),
+            redis_url=env.string("REDIS_URL", cls.redis_url),
+            clusters=clusters,
+            default_region=default_region,
+            api_host=env.string("LABVIRT_API_HOST", cls.api_host),
+            api_port=env.integer("LABVIRT_API_PORT", cls.api_port, minimum=0, maximum=65535),
+            api_threads=env.integer("LABVIRT_API_THREADS", cls.api_threads, minimum=1),
+            frontend_tokens=env.tokens("LABVIRT_FRONTEND_TOKENS"),
+            admin_tokens=env.tokens("LABVIRT_ADMIN_TOKENS"),
+            templates_path=env.path("LABVIRT_TEMPLATES"),
+            log_format=env.choice(
+                "LABVIRT_LOG_FORMAT", ["json", "console"],
+                "console" if mode == Mode.DEV.value else "json",
+            ),
+            log_level=env.choice(
+                "LABVIRT_LOG_LEVEL", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO", upper=True
+            ),
+            worker_concurrency=env.integer(
+                "LABVIRT_WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1
+            ),
+            kube_pool_maxsize=env.integer("LABVIRT_KUBE_POOL_MAXSIZE", cls.kube_pool_maxsize,
+                                          minimum=1),
+            reaper_interval_seconds=env.number(
+                "LABVIRT_REAPER_INTERVAL_SECONDS", cls.reaper_interval_seconds, minimum=0.1
+            ),
+            reaper_batch=env.integer("LABVIRT_REAPER_BATCH", cls.reaper_batch, minimum=1),
+            idle_timeout_seconds=env.optional_integer("LABVIRT_IDLE_TIMEOUT_SECONDS", minimum=1),
+            teardown_timeout_seconds=env.number(
+                "LABVIRT_TEARDOWN_TIMEOUT_SECONDS", cls.teardown_timeout_seconds, minimum=1
+            ),
+            kube_request_timeout_seconds=env.number(
+                "LABVIRT_KUBE_REQUEST_TIMEOUT_SECONDS", cls.kube_request_timeout_seconds,
+                minimum=1,
+            ),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.mode is Mode.PRODUCTION and not self.frontend_tokens:
+            raise ConfigError(
+                "LABVIRT_FRONTEND_TOKENS is empty: production refuses to serve without "
+                "frontend tokens (set LABVIRT_MODE=dev for a local playground)"
+            )
+        if self.mode is Mode.PRODUCTION and not self.admin_tokens:
+            raise ConfigError(
+                "LABVIRT_ADMIN_TOKENS is empty: production refuses to start without admin tokens"
+            )
+        if self.default_region not in {c.region for c in self.clusters}:
+            raise ConfigError(
+                f"LABVIRT_DEFAULT_REGION={self.default_region!r} names no configured cluster "
+                f"(regions: {', '.join(c.region for c in self.clusters) or 'none'})"
+            )
+        overlap = self.frontend_tokens & self.admin_tokens
+        if overlap:
+            raise ConfigError("a token must not be both a frontend token and an admin token")
+
+    def cluster(self, region: str) -> Cluster:
+        for cluster in self.clusters:
+            if cluster.region == region:
+                return cluster
+        raise KeyError(region)
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(c.region for c in self.clusters)
+
+
+def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluster, ...]:
+    """``LABVIRT_CLUSTERS=eu=/k/eu.yaml,us=/k/us.yaml[@context]``, else one cluster.
+
+    The single cluster comes from ``LABVIRT_KUBECONFIG`` (and ``LABVIRT_KUBE_CONTEXT``), or
+    the in-cluster service account when that is unset too.
+    """
+    spec = env.string("LABVIRT_CLUSTERS", "")
+    if not spec:
+        kubeconfig = env.path("LABVIRT_KUBECONFIG")
+        context = env.string("LABVIRT_KUBE_CONTEXT", "") or None
+        return (Cluster(default_region, kubeconfig, context, namespace),)
+    clusters: list[Cluster] = []
+    for item in spec.split(","):
+        region, sep, rest = item.strip().partition("=")
+        if not sep or not region or not rest:
+            raise ConfigError(
+                f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]"
+            )
+        path, _, context = rest.partition("@")
+        if region in {c.region for c in clusters}:
+            raise ConfigError(f"LABVIRT_CLUSTERS: region {region!r} is listed twice")
+        clusters.append(Cluster(region, Path(path), context or None, namespace))
+    return tuple(clusters)
+
+
+class _Env:
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+
+    def _raw(self, name: str) -> str | None:
+        value = self._environ.get(name)
+        if value is None or not value.strip():
+            return None
+        return value.strip()
+
+    def string(self, name: str, default: str) -> str:
+        return self._raw(name) or default
+
+    def path(self, name: str) -> Path | None:
+        raw = self._raw(name)
+        return Path(raw).expanduser() if raw else None
+
+    def tokens(self, name: str) -> frozenset[str]:
+        raw = self._raw(name) or ""
+        tokens = frozenset(t.strip() for t in raw.split(",") if t.strip())
+        short = [t for t in tokens if len(t) < 16]
+        if short:
+            raise ConfigError(f"{name}: every token must be at least 16 characters long")
+        return tokens
+
+    def integer(self, name: str, default: int, *, minimum: int | None = None,
+                maximum: int | None = None) -> int:
+        value = self.optional_integer(name, minimum=minimum, maximum=maximum)
+        return default if value is None else value
+
+    def optional_integer(self, name: str, *, minimum: int | None = None,
+                         maximum: int | None = None) -> int | None:
+        raw = self._raw(name)
+        if raw is None:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        _check_range(name, value, minimum, maximum)
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        _check_range(name, value, minimum, None)
+        return value
+
+    def choice(self, name: str, allowed: list[str], default: str, *, upper: bool = False) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in allowed:
+            raise ConfigError(f"{name}={raw!r} must be one of: {', '.join(allowed)}")
+        return value
+
+
+def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum of {minimum}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value} is above the maximum of {maximum}")

@@ -1,0 +1,365 @@
+"""Pure builders for the Kubernetes objects that make up one learner environment.
+
+Every object carries labels (and a few annotations) from which labvirt can rebuild its state out
+of the cluster alone, so a restarted provisioner or reconciler needs no memory of what it made.
+The VMIs are ephemeral on purpose: a containerDisk and cloud-init, no PVC, no DataVolume.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from shared.domain.templates import (
+    ENVIRONMENT_DOMAIN_PLACEHOLDER,
+    ENVIRONMENT_TOKEN_PLACEHOLDER,
+    MAX_VM_NAME_LENGTH,
+    USER_DATA_PLACEHOLDER_PATTERN,
+    Template,
+    VmSpec,
+    is_dns1123_label,
+)
+
+Manifest = dict[str, Any]
+
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE: Final = "labvirt"
+ENVIRONMENT_LABEL: Final = "labvirt.io/environment"
+TEMPLATE_LABEL: Final = "labvirt.io/template"
+SESSION_LABEL: Final = "labvirt.io/session"
+VM_LABEL: Final = "labvirt.io/vm"
+LABVIRT_LABELS: Final = frozenset(
+    {MANAGED_BY_LABEL, ENVIRONMENT_LABEL, TEMPLATE_LABEL, SESSION_LABEL, VM_LABEL}
+)
+# Every object labvirt made, and nothing else: what reconcilers list and watch.
+MANAGED_BY_SELECTOR: Final = f"{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"
+
+# When labvirt asked for the environment (RFC 3339, UTC); the server's creationTimestamp is per
+# object and says nothing about the environment as a whole.
+CREATED_AT_ANNOTATION: Final = "labvirt.io/created-at"
+# How many VMIs the environment should have, so an incomplete one is visible from the cluster.
+VM_COUNT_ANNOTATION: Final = "labvirt.io/vm-count"
+
+VMI_API_VERSION: Final = "kubevirt.io/v1"
+VMI_KIND: Final = "VirtualMachineInstance"
+NAME_PREFIX: Final = "lv-"
+# What is left of a 63-character name once the prefix, a dash and the longest VM name are in.
+MAX_ENVIRONMENT_ID_LENGTH: Final = 63 - len(NAME_PREFIX) - 1 - MAX_VM_NAME_LENGTH
+DEFAULT_CLUSTER_DOMAIN: Final = "cluster.local"
+SSH_PORT: Final = 22
+# Disposable VMs have nothing to flush; a quick stop frees capacity for the next learner.
+TERMINATION_GRACE_PERIOD_SECONDS: Final = 0
+
+CONTAINER_DISK: Final = "containerdisk"
+CLOUD_INIT_DISK: Final = "cloudinitdisk"
+POD_NETWORK: Final = "default"
+
+_ENVIRONMENT_ID: Final = re.compile(rf"[a-z0-9]{{1,{MAX_ENVIRONMENT_ID_LENGTH}}}")
+# The token lands in YAML and in shell commands: no quoting, spaces or leading dash possible.
+_ENVIRONMENT_TOKEN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Kubernetes also allows an empty label value; labvirt never means "nothing" by one.
+_LABEL_VALUE: Final = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
+_DNS1123_SUBDOMAIN: Final = re.compile(
+    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
+_LABEL_MAX_LENGTH: Final = 63
+_LABEL_PREFIX_MAX_LENGTH: Final = 253
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentManifests:
+    """Everything to create for one environment; the Service only when VMs must find each other."""
+
+    vmis: tuple[Manifest, ...]
+    service: Manifest | None
+
+
+def is_valid_environment_id(environment_id: str) -> bool:
+    """True for ids that fit in every name and label derived from them (short, [a-z0-9])."""
+    return _ENVIRONMENT_ID.fullmatch(environment_id) is not None
+
+
+def environment_subdomain(environment_id: str) -> str:
+    """The VMIs' ``spec.subdomain`` and the name of their headless Service."""
+    _require_environment_id(environment_id)
+    return f"{NAME_PREFIX}{environment_id}"
+
+
+def environment_vmi_name(environment_id: str, vm_name: str) -> str:
+    """The VMI name of one VM: deterministic, so creating it twice hits 409, not a twin."""
+    _require_environment_id(environment_id)
+    if not is_dns1123_label(vm_name) or len(vm_name) > MAX_VM_NAME_LENGTH:
+        msg = (
+            f"VM name must be a DNS-1123 label of at most {MAX_VM_NAME_LENGTH} characters, "
+            f"got {vm_name!r}"
+        )
+        raise ValueError(msg)
+    return f"{NAME_PREFIX}{environment_id}-{vm_name}"
+
+
+def environment_domain(
+    environment_id: str, namespace: str, *, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+) -> str:
+    """The DNS domain under which ``<hostname>.<domain>`` reaches a VM of a multi-VM environment."""
+    _require_dns1123_label(namespace, what="namespace")
+    if _DNS1123_SUBDOMAIN.fullmatch(cluster_domain) is None:
+        raise ValueError(f"cluster domain must be a DNS name, got {cluster_domain!r}")
+    return f"{environment_subdomain(environment_id)}.{namespace}.svc.{cluster_domain}"
+
+
+def environment_selector(environment_id: str) -> str:
+    """Label selector for every object of one environment (and only labvirt's)."""
+    _require_environment_id(environment_id)
+    return f"{MANAGED_BY_SELECTOR},{ENVIRONMENT_LABEL}={environment_id}"
+
+
+def format_timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC to the second, the form Kubernetes itself writes timestamps in."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"timestamp must be timezone-aware, got {moment!r}")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """The inverse of :func:`format_timestamp`, for rebuilding state from annotations."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def build_vmi(
+    *,
+    template: Template,
+    vm: VmSpec,
+    environment_id: str,
+    namespace: str,
+    session_id: str | None,
+    environment_token: str,
+    extra_labels: Mapping[str, str] | None = None,
+    created_at: datetime | None = None,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+) -> Manifest:
+    """The VirtualMachineInstance for one VM of an environment."""
+    if vm not in template.vms:
+        raise ValueError(f"VM {vm.name!r} is not part of template {template.name!r}")
+    labels = _environment_labels(
+        template=template, environment_id=environment_id, session_id=session_id
+    )
+    labels[VM_LABEL] = vm.name
+    labels = _merge_extra_labels(labels, extra_labels)
+    # Only multi-VM environments get a subdomain, so only they have a domain to resolve in.
+    domain = (
+        environment_domain(environment_id, namespace, cluster_domain=cluster_domain)
+        if template.is_multi_vm
+        else None
+    )
+    _require_dns1123_label(namespace, what="namespace")
+    spec: Manifest = {
+        "domain": {
+            "cpu": {"cores": vm.cpu_cores},
+            "resources": {"requests": {"memory": vm.memory}},
+            "devices": {
+                "disks": [
+                    {"name": CONTAINER_DISK, "disk": {"bus": "virtio"}},
+                    {"name": CLOUD_INIT_DISK, "disk": {"bus": "virtio"}},
+                ],
+                "interfaces": [{"name": POD_NETWORK, "masquerade": {}}],
+            },
+        },
+        "networks": [{"name": POD_NETWORK, "pod": {}}],
+        "volumes": [
+            {"name": CONTAINER_DISK, "containerDisk": {"image": vm.image}},
+            {
+                "name": CLOUD_INIT_DISK,
+                "cloudInitNoCloud": {
+                    "userData": render_user_data(
+                        vm.user_data,
+                        environment_token=environment_token,
+                        environment_domain=domain,
+                    )
+                },
+            },
+        ],
+        "hostname": vm.hostname,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_PERIOD_SECONDS,
+    }
+    if template.is_multi_vm:
+        spec["subdomain"] = environment_subdomain(environment_id)
+    if vm.readiness_probe is not None:
+        spec["readinessProbe"] = copy.deepcopy(vm.readiness_probe)
+    return {
+        "apiVersion": VMI_API_VERSION,
+        "kind": VMI_KIND,
+        "metadata": {
+            "name": environment_vmi_name(environment_id, vm.name),
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": _environment_annotations(template=template, created_at=created_at),
+        },
+        "spec": spec,
+    }
+
+
+def build_headless_service(
+    *,
+    environment_id: str,
+    namespace: str,
+    template_name: str,
+    created_at: datetime | None = None,
+) -> Manifest:
+    """The headless Service that gives each VMI of an environment a DNS name.
+
+    With ``spec.hostname`` and ``spec.subdomain`` set on the VMIs,
+    ``<hostname>.<subdomain>.<namespace>.svc.<cluster domain>`` resolves to the VM.
+    """
+    _require_dns1123_label(namespace, what="namespace")
+    _require_label_value(template_name, what="template name")
+    metadata: Manifest = {
+        "name": environment_subdomain(environment_id),
+        "namespace": namespace,
+        "labels": {
+            MANAGED_BY_LABEL: MANAGED_BY_VALUE,
+            ENVIRONMENT_LABEL: environment_id,
+            TEMPLATE_LABEL: template_name,
+        },
+    }
+    if created_at is not None:
+        metadata["annotations"] = {CREATED_AT_ANNOTATION: format_timestamp(created_at)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "clusterIP": "None",
+            "selector": {ENVIRONMENT_LABEL: environment_id},
+            # VMs look each other up while booting, long before their readiness probe passes.
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "ssh", "port": SSH_PORT, "targetPort": SSH_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def build_environment(
+    *,
+    template: Template,
+    environment_id: str,
+    namespace: str,
+    session_id: str | None,
+    environment_token: str,
+    extra_labels: Mapping[str, str] | None = None,
+    created_at: datetime | None = None,
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+) -> EnvironmentManifests:
+    """All objects of one environment: a VMI per VM, plus the Service for multi-VM templates."""
+    vmis = tuple(
+        build_vmi(
+            template=template,
+            vm=vm,
+            environment_id=environment_id,
+            namespace=namespace,
+            session_id=session_id,
+            environment_token=environment_token,
+            extra_labels=extra_labels,
+            created_at=created_at,
+            cluster_domain=cluster_domain,
+        )
+        for vm in template.vms
+    )
+    service = None
+    if template.is_multi_vm:
+        service = build_headless_service(
+            environment_id=environment_id,
+            namespace=namespace,
+            template_name=template.name,
+            created_at=created_at,
+        )
+    return EnvironmentManifests(vmis=vmis, service=service)
+
+
+def render_user_data(
+    user_data: str, *, environment_token: str, environment_domain: str | None
+) -> str:
+    """Cloud-init user data with the per-environment placeholders filled in.
+
+    ``environment_domain`` is None for single-VM environments, which have no subdomain.
+    """
+    if _ENVIRONMENT_TOKEN.fullmatch(environment_token) is None:
+        msg = "environment token must be 1-128 characters of [A-Za-z0-9._-], starting alphanumeric"
+        raise ValueError(msg)
+    values = {ENVIRONMENT_TOKEN_PLACEHOLDER: environment_token}
+    if environment_domain is not None:
+        values[ENVIRONMENT_DOMAIN_PLACEHOLDER] = environment_domain
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match[1]
+        if name not in values:
+            raise ValueError(f"user data placeholder {match[0]!r} has no value here")
+        return values[name]
+
+    return USER_DATA_PLACEHOLDER_PATTERN.sub(substitute, user_data)
+
+
+def _environment_labels(
+    *, template: Template, environment_id: str, session_id: str | None
+) -> dict[str, str]:
+    _require_environment_id(environment_id)
+    _require_label_value(template.name, what="template name")
+    labels = {
+        MANAGED_BY_LABEL: MANAGED_BY_VALUE,
+        ENVIRONMENT_LABEL: environment_id,
+        TEMPLATE_LABEL: template.name,
+    }
+    if session_id is not None:
+        _require_label_value(session_id, what="session id")
+        labels[SESSION_LABEL] = session_id
+    return labels
+
+
+def _environment_annotations(*, template: Template, created_at: datetime | None) -> dict[str, str]:
+    annotations = {VM_COUNT_ANNOTATION: str(len(template.vms))}
+    if created_at is not None:
+        annotations[CREATED_AT_ANNOTATION] = format_timestamp(created_at)
+    return annotations
+
+
+def _merge_extra_labels(
+    labels: dict[str, str], extra_labels: Mapping[str, str] | None
+) -> dict[str, str]:
+    # labvirt's own labels drive selectors and state rebuilds; a caller must not redefine them.
+    for key, value in (extra_labels or {}).items():
+        if key in LABVIRT_LABELS:
+            raise ValueError(f"extra label {key!r} would override a label labvirt owns")
+        _require_label_key(key)
+        _require_label_value(value, what=f"value of label {key!r}")
+    return {**labels, **(extra_labels or {})}
+
+
+def _require_environment_id(environment_id: str) -> None:
+    if not is_valid_environment_id(environment_id):
+        msg = (
+            f"environment id must be 1-{MAX_ENVIRONMENT_ID_LENGTH} lowercase letters and digits, "
+            f"got {environment_id!r}"
+        )
+        raise ValueError(msg)
+
+
+def _require_dns1123_label(value: str, *, what: str) -> None:
+    if not is_dns1123_label(value):
+        raise ValueError(f"{what} must be a DNS-1123 label, got {value!r}")
+
+
+def _require_label_value(value: str, *, what: str) -> None:
+    if len(value) > _LABEL_MAX_LENGTH or _LABEL_VALUE.fullmatch(value) is None:
+        raise ValueError(f"{what} is not a valid Kubernetes label value: {value!r}")
+
+
+def _require_label_key(key: str) -> None:
+    prefix, _, name = key.rpartition("/")
+    valid_prefix = not prefix or (
+        len(prefix) <= _LABEL_PREFIX_MAX_LENGTH and _DNS1123_SUBDOMAIN.fullmatch(prefix) is not None
+    )
+    valid_name = len(name) <= _LABEL_MAX_LENGTH and _LABEL_VALUE.fullmatch(name) is not None
+    if not (valid_prefix and valid_name):
+        raise ValueError(f"{key!r} is not a valid Kubernetes label key")

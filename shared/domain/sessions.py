@@ -1,0 +1,240 @@
+"""The session: a learner's claim on one environment, and the rules of its life.
+
+Pure Python: the state machine, deadlines and the VM view. Adapters store it and move it
+between processes as JSON (``to_dict``/``from_dict``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, NewType
+
+SessionId = NewType("SessionId", str)
+EnvironmentId = NewType("EnvironmentId", str)
+
+_USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}$")
+HISTORY_LIMIT = 20
+
+
+class SessionState(StrEnum):
+    PROVISIONING = "provisioning"
+    READY = "ready"
+    TERMINATING = "terminating"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+FINAL_STATES = frozenset({SessionState.ENDED, SessionState.FAILED})
+
+_ALLOWED: Mapping[SessionState, frozenset[SessionState]] = {
+    SessionState.PROVISIONING: frozenset(
+        {SessionState.READY, SessionState.TERMINATING, SessionState.FAILED}
+    ),
+    SessionState.READY: frozenset({SessionState.TERMINATING, SessionState.FAILED}),
+    SessionState.TERMINATING: frozenset({SessionState.ENDED, SessionState.FAILED}),
+    SessionState.ENDED: frozenset(),
+    SessionState.FAILED: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A state change the session's life does not allow."""
+
+    def __init__(self, current: SessionState, wanted: SessionState) -> None:
+        super().__init__(f"a {current} session cannot become {wanted}")
+        self.current = current
+        self.wanted = wanted
+
+
+class InvalidUser(ValueError):
+    """A user id that labvirt will not put into labels and keys."""
+
+
+@dataclass(frozen=True)
+class VmView:
+    """What a learner's frontend needs to know of one VM."""
+
+    name: str
+    hostname: str
+    ip: str | None = None
+    phase: str = "Pending"
+    ready: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "hostname": self.hostname,
+            "ip": self.ip,
+            "phase": self.phase,
+            "ready": self.ready,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VmView:
+        return cls(
+            name=str(data["name"]),
+            hostname=str(data["hostname"]),
+            ip=data.get("ip"),
+            phase=str(data.get("phase", "Pending")),
+            ready=bool(data.get("ready", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Transition:
+    state: SessionState
+    at: float
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state.value, "at": self.at, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Transition:
+        return cls(SessionState(data["state"]), float(data["at"]), data.get("reason"))
+
+
+@dataclass(frozen=True)
+class Session:
+    id: SessionId
+    user: str
+    template: str
+    region: str
+    environment_id: EnvironmentId
+    token_hash: str
+    created_at: float
+    expires_at: float
+    idle_timeout_seconds: int
+    last_seen_at: float
+    state: SessionState = SessionState.PROVISIONING
+    warm: bool = False
+    reason: str | None = None
+    vms: tuple[VmView, ...] = ()
+    history: tuple[Transition, ...] = field(default_factory=tuple)
+
+    @property
+    def idle_expires_at(self) -> float:
+        return self.last_seen_at + self.idle_timeout_seconds
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def transition(self, wanted: SessionState, *, at: float, reason: str | None = None) -> Session:
+        """The session in ``wanted`` state; ``IllegalTransition`` if its life forbids it."""
+        if wanted not in _ALLOWED[self.state]:
+            raise IllegalTransition(self.state, wanted)
+        history = (*self.history, Transition(wanted, at, reason))[-HISTORY_LIMIT:]
+        return replace(
+            self,
+            state=wanted,
+            reason=reason if reason is not None else self.reason,
+            history=history,
+        )
+
+    def with_vms(self, vms: Sequence[VmView]) -> Session:
+        return replace(self, vms=tuple(vms))
+
+    def seen(self, at: float) -> Session:
+        """A heartbeat: the idle clock starts again."""
+        return replace(self, last_seen_at=max(self.last_seen_at, at))
+
+    def token_matches(self, token: str) -> bool:
+        return hmac.compare_digest(self.token_hash, hash_token(token))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "user": self.user,
+            "template": self.template,
+            "region": self.region,
+            "environment_id": self.environment_id,
+            "token_hash": self.token_hash,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "idle_timeout_seconds": self.idle_timeout_seconds,
+            "last_seen_at": self.last_seen_at,
+            "state": self.state.value,
+            "warm": self.warm,
+            "reason": self.reason,
+            "vms": [vm.to_dict() for vm in self.vms],
+            "history": [t.to_dict() for t in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Session:
+        return cls(
+            id=SessionId(str(data["id"])),
+            user=str(data["user"]),
+            template=str(data["template"]),
+            region=str(data["region"]),
+            environment_id=EnvironmentId(str(data["environment_id"])),
+            token_hash=str(data["token_hash"]),
+            created_at=float(data["created_at"]),
+            expires_at=float(data["expires_at"]),
+            idle_timeout_seconds=int(data["idle_timeout_seconds"]),
+            last_seen_at=float(data["last_seen_at"]),
+            state=SessionState(data["state"]),
+            warm=bool(data.get("warm", False)),
+            reason=data.get("reason"),
+            vms=tuple(VmView.from_dict(v) for v in data.get("vms", ())),
+            history=tuple(Transition.from_dict(t) for t in data.get("history", ())),
+        )
+
+
+def new_ids() -> tuple[SessionId, EnvironmentId]:
+    """A fresh session id (unguessable) and environment id (short, DNS-label friendly)."""
+    session_id = SessionId("s-" + secrets.token_hex(12))
+    environment_id = EnvironmentId(secrets.token_hex(5))
+    return session_id, environment_id
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_user(user: str) -> str:
+    if not _USER_RE.match(user):
+        raise InvalidUser(
+            "user must be 1-128 characters: letters, digits and _ . @ + - "
+            "(starting with a letter or digit)"
+        )
+    return user
+
+
+def open_session(
+    *,
+    user: str,
+    template: str,
+    region: str,
+    max_lifetime_seconds: int,
+    idle_timeout_seconds: int,
+    now: float,
+) -> tuple[Session, str]:
+    """A new session in ``provisioning``, and its bearer token (returned to the caller once)."""
+    session_id, environment_id = new_ids()
+    token = new_token()
+    session = Session(
+        id=session_id,
+        user=check_user(user),
+        template=template,
+        region=region,
+        environment_id=environment_id,
+        token_hash=hash_token(token),
+        created_at=now,
+        expires_at=now + max_lifetime_seconds,
+        idle_timeout_seconds=idle_timeout_seconds,
+        last_seen_at=now,
+        history=(Transition(SessionState.PROVISIONING, now),),
+    )
+    return session, token

@@ -1,0 +1,64 @@
+"""The contract between services: Celery task names, queues and the Celery app's wiring.
+
+Services enqueue by task name and plain ids, never by importing each other's modules.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+from kombu import Queue
+
+from shared.config import Settings
+
+PROVISION = "labvirt.provision"
+TEARDOWN = "labvirt.teardown"
+REAP = "labvirt.reap"
+
+# User-facing work has its own queue so it never waits behind maintenance.
+PROVISION_QUEUE = "provision"
+TEARDOWN_QUEUE = "teardown"
+MAINTENANCE_QUEUE = "maintenance"
+QUEUES = (PROVISION_QUEUE, TEARDOWN_QUEUE, MAINTENANCE_QUEUE)
+
+TASK_MODULES = (
+    "services.provisioner.tasks",
+    "services.reaper.tasks",
+)
+
+
+def make_celery(settings: Settings) -> Celery:
+    """The Celery app every labvirt process shares; connects to nothing until used."""
+    app = Celery("labvirt", broker=settings.redis_url, backend=None)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+        # A provision may wait minutes on a slow boot: redeliver only after that.
+        broker_transport_options={"visibility_timeout": 3600},
+        task_queues=[Queue(name) for name in QUEUES],
+        task_default_queue=MAINTENANCE_QUEUE,
+        task_routes={
+            PROVISION: {"queue": PROVISION_QUEUE},
+            TEARDOWN: {"queue": TEARDOWN_QUEUE},
+            REAP: {"queue": MAINTENANCE_QUEUE},
+        },
+        include=list(TASK_MODULES),
+        beat_schedule={
+            "reap-expired-sessions": {
+                "task": REAP,
+                "schedule": timedelta(seconds=settings.reaper_interval_seconds),
+                "options": {"expires": settings.reaper_interval_seconds * 2},
+            },
+        },
+        timezone="UTC",
+    )
+    return app

@@ -1,0 +1,95 @@
+"""What a labvirt process holds once it has started: settings and its adapters.
+
+Built once by each process's wiring function; nothing here connects at import time, and the
+Kubernetes clients are made on first use per region.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+
+from shared.adapters.kube import KubeCluster
+from shared.adapters.session_store import RedisSessionStore
+from shared.adapters.template_files import load_templates
+from shared.config import Settings
+from shared.domain.templates import Template
+from shared.jobs import make_celery
+
+
+class UnknownRegion(LookupError):
+    pass
+
+
+class Clusters:
+    """One ``KubeCluster`` per region, created lazily and shared by a process's threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._clusters: dict[str, KubeCluster] = {}
+        self._lock = threading.Lock()
+
+    def get(self, region: str) -> KubeCluster:
+        with self._lock:
+            cluster = self._clusters.get(region)
+            if cluster is None:
+                try:
+                    config = self._settings.cluster(region)
+                except KeyError:
+                    raise UnknownRegion(region) from None
+                cluster = KubeCluster(
+                    config,
+                    pool_maxsize=self._settings.kube_pool_maxsize,
+                    request_timeout=self._settings.kube_request_timeout_seconds,
+                )
+                self._clusters[region] = cluster
+            return cluster
+
+    def close(self) -> None:
+        with self._lock:
+            for cluster in self._clusters.values():
+                cluster.close()
+            self._clusters.clear()
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: redis.Redis
+    sessions: RedisSessionStore
+    templates: dict[str, Template]
+    celery: Celery
+    clusters: Clusters
+    clock: Callable[[], float] = field(default=time.time)
+
+
+def build_runtime(settings: Settings, *, celery: Celery | None = None) -> Runtime:
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, socket_timeout=10,
+        health_check_interval=30,
+    )
+    return Runtime(
+        settings=settings,
+        redis=client,
+        sessions=RedisSessionStore(client),
+        templates=load_templates(settings.templates_path),
+        celery=celery or make_celery(settings),
+        clusters=Clusters(settings),
+    )
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """The runtime ``labvirt worker``/``beat`` attached to their Celery app at start-up."""
+    runtime = getattr(app, "labvirt_runtime", None)
+    if runtime is None:
+        raise RuntimeError("this Celery app was not started by labvirt (no runtime attached)")
+    return runtime  # type: ignore[no-any-return]
+
+
+def attach_runtime(app: Celery, runtime: Runtime) -> None:
+    app.labvirt_runtime = runtime  # type: ignore[attr-defined]

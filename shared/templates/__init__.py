@@ -1,0 +1,1 @@
+"""Environment templates shipped with labvirt (``default.yaml``), loaded by an adapter."""
