@@ -7,6 +7,7 @@ message naming the variable.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,6 +151,10 @@ def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluste
                 f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]"
             )
         path, _, context = rest.partition("@")
+        if not path:
+            raise ConfigError(
+                f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]"
+            )
         if region in {c.region for c in clusters}:
             raise ConfigError(f"LABVIRT_CLUSTERS: region {region!r} is listed twice")
         clusters.append(Cluster(region, Path(path), context or None, namespace))
@@ -206,6 +211,8 @@ class _Env:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not math.isfinite(value):  # nan passes every range check; inf is no duration
+            raise ConfigError(f"{name}={raw!r} is not a finite number")
         _check_range(name, value, minimum, None)
         return value
 

@@ -42,12 +42,18 @@ class RedisSessionStore:
         self._redis = client
 
     def add(self, session: Session) -> None:
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.set(_session_key(session.id), _encode(session), nx=True)
-        self._index(pipe, session)
-        created, *_ = pipe.execute()
-        if not created:
-            raise ValueError(f"session {session.id} already exists")
+        key = _session_key(session.id)
+
+        def attempt(pipe: Any) -> None:
+            # Check before queueing anything: a refused add must leave the existing session's
+            # deadlines and user index alone (SET NX in the same MULTI would not).
+            if pipe.exists(key):
+                raise ValueError(f"session {session.id} already exists")
+            pipe.multi()
+            pipe.set(key, _encode(session))
+            self._index(pipe, session)
+
+        self._redis.transaction(attempt, key)
 
     def get(self, session_id: str) -> Session | None:
         raw = self._redis.get(_session_key(session_id))

@@ -204,7 +204,8 @@ def hash_token(token: str) -> str:
 
 
 def check_user(user: str) -> str:
-    if not _USER_RE.match(user):
+    # fullmatch: ``$`` alone would let a trailing newline through into keys and labels.
+    if not _USER_RE.fullmatch(user):
         raise InvalidUser(
             "user must be 1-128 characters: letters, digits and _ . @ + - "
             "(starting with a letter or digit)"
