@@ -9,7 +9,8 @@ from celery.signals import task_postrun, task_prerun
 
 from shared.config import Settings
 from shared.jobs import QUEUES, make_celery
-from shared.runtime import attach_runtime, build_runtime
+from shared.runtime import attach_runtime
+from shared.worker_runtime import build_worker_runtime
 
 
 def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
@@ -23,7 +24,7 @@ def _clear_task(**_: Any) -> None:
 
 def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
     app = make_celery(settings)
-    attach_runtime(app, build_runtime(settings, celery=app))
+    attach_runtime(app, build_worker_runtime(settings, celery=app))
     task_prerun.connect(_bind_task, weak=False)
     task_postrun.connect(_clear_task, weak=False)
     app.worker_main([

@@ -1,12 +1,11 @@
 """What a labvirt process holds once it has started: settings and its adapters.
 
-Built once by each process's wiring function; nothing here connects at import time, and the
-Kubernetes clients are made on first use per region.
+Built once by each process's wiring function; nothing here connects at import time. The API's
+runtime has no Kubernetes clients at all; workers extend it (``shared.worker_runtime``).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from shared.adapters.kube import KubeCluster
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Settings
@@ -22,49 +20,13 @@ from shared.domain.templates import Template
 from shared.jobs import make_celery
 
 
-class UnknownRegion(LookupError):
-    pass
-
-
-class Clusters:
-    """One ``KubeCluster`` per region, created lazily and shared by a process's threads."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._clusters: dict[str, KubeCluster] = {}
-        self._lock = threading.Lock()
-
-    def get(self, region: str) -> KubeCluster:
-        with self._lock:
-            cluster = self._clusters.get(region)
-            if cluster is None:
-                try:
-                    config = self._settings.cluster(region)
-                except KeyError:
-                    raise UnknownRegion(region) from None
-                cluster = KubeCluster(
-                    config,
-                    pool_maxsize=self._settings.kube_pool_maxsize,
-                    request_timeout=self._settings.kube_request_timeout_seconds,
-                )
-                self._clusters[region] = cluster
-            return cluster
-
-    def close(self) -> None:
-        with self._lock:
-            for cluster in self._clusters.values():
-                cluster.close()
-            self._clusters.clear()
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Runtime:
     settings: Settings
     redis: redis.Redis
     sessions: RedisSessionStore
     templates: dict[str, Template]
     celery: Celery
-    clusters: Clusters
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -79,7 +41,6 @@ def build_runtime(settings: Settings, *, celery: Celery | None = None) -> Runtim
         sessions=RedisSessionStore(client),
         templates=load_templates(settings.templates_path),
         celery=celery or make_celery(settings),
-        clusters=Clusters(settings),
     )
 
 

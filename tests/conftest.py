@@ -14,29 +14,40 @@ from shared.adapters.redis_server import EmbeddedRedis, answers
 
 # ../shared/kubevirt beside the checkout: KubeVirt's schema and examples, when present.
 KUBEVIRT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "kubevirt"
-TEST_DB = 14
+_LOCK_KEY = "labvirt-test-run"
+_LOCK_SECONDS = 3600
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis database for this test run, flushed before use.
+    """A Redis database of this test run's own, flushed before use.
 
-    The machine's Redis when one answers at REDIS_URL (a database of its own, so a developer's
-    data is safe); otherwise a private embedded redis-server.
+    The machine's Redis when one answers at REDIS_URL: the first free database from 15 down,
+    claimed with a lock key so concurrent runs (and a developer's data in database 0) never
+    share one. Otherwise a private embedded redis-server.
     """
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    embedded = None
-    if answers(base):
-        url = urlparse(base)._replace(path=f"/{TEST_DB}").geturl()
-    else:
+    if not answers(base):
         embedded = EmbeddedRedis().start()
-        url = embedded.url
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    yield url
-    if embedded is not None:
-        embedded.stop()
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
+        return
+    for db in range(15, 0, -1):
+        url = urlparse(base)._replace(path=f"/{db}").geturl()
+        client = redis.Redis.from_url(url)
+        if client.set(_LOCK_KEY, str(os.getpid()), nx=True, ex=_LOCK_SECONDS):
+            client.flushdb()
+            client.set(_LOCK_KEY, str(os.getpid()), ex=_LOCK_SECONDS)
+            try:
+                yield url
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    pytest.fail("every Redis database from 1 to 15 is claimed by another test run")
 
 
 @pytest.fixture(scope="session")

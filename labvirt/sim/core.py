@@ -20,20 +20,42 @@ from labvirt.sim.selectors import SUPPORTED_FIELDS, FieldGetter
 from labvirt.sim.store import Obj, ResourceType, Store
 
 NAMESPACES = ResourceType(
-    group="", version="v1", plural="namespaces", singular="namespace", kind="Namespace",
-    namespaced=False, short_names=("ns",),
+    group="",
+    version="v1",
+    plural="namespaces",
+    singular="namespace",
+    kind="Namespace",
+    namespaced=False,
+    short_names=("ns",),
+    verbs=("create", "delete", "get", "list", "patch", "update", "watch"),
 )
 SERVICES = ResourceType(
-    group="", version="v1", plural="services", singular="service", kind="Service",
-    namespaced=True, short_names=("svc",), categories=("all",),
+    group="",
+    version="v1",
+    plural="services",
+    singular="service",
+    kind="Service",
+    namespaced=True,
+    short_names=("svc",),
+    categories=("all",),
 )
 EVENTS = ResourceType(
-    group="", version="v1", plural="events", singular="event", kind="Event",
-    namespaced=True, short_names=("ev",),
+    group="",
+    version="v1",
+    plural="events",
+    singular="event",
+    kind="Event",
+    namespaced=True,
+    short_names=("ev",),
 )
 NETWORK_POLICIES = ResourceType(
-    group="networking.k8s.io", version="v1", plural="networkpolicies", singular="networkpolicy",
-    kind="NetworkPolicy", namespaced=True, short_names=("netpol",),
+    group="networking.k8s.io",
+    version="v1",
+    plural="networkpolicies",
+    singular="networkpolicy",
+    kind="NetworkPolicy",
+    namespaced=True,
+    short_names=("netpol",),
 )
 CORE_TYPES = (NAMESPACES, SERVICES, EVENTS, NETWORK_POLICIES)
 
@@ -80,7 +102,13 @@ FIELD_SELECTORS: dict[ResourceType, Mapping[str, FieldGetter]] = {
         **{
             f"involvedObject.{key}": _getter("involvedObject", key)
             for key in (
-                "kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath",
+                "kind",
+                "namespace",
+                "name",
+                "uid",
+                "apiVersion",
+                "resourceVersion",
+                "fieldPath",
             )
         },
         "reason": _getter("reason"),
@@ -99,20 +127,27 @@ class NamespaceStrategy:
     def on_create(self, obj: Obj) -> None:
         name = obj["metadata"]["name"]
         if len(name) > 63 or not _DNS1123_LABEL.match(name):
-            raise invalid("Namespace", "", name, [_cause(
-                "metadata.name",
-                f'Invalid value: "{name}": a lowercase RFC 1123 label must consist of lower case '
-                "alphanumeric characters or '-', and must start and end with an alphanumeric "
-                "character",
-            )])
+            raise invalid(
+                "Namespace",
+                "",
+                name,
+                [
+                    _cause(
+                        "metadata.name",
+                        f'Invalid value: "{name}": a lowercase RFC 1123 label must consist of '
+                        "lower case alphanumeric characters or '-', and must start and end with "
+                        "an alphanumeric character",
+                    )
+                ],
+            )
         obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
         obj["spec"] = {"finalizers": ["kubernetes"]}
         obj["status"] = {"phase": "Active"}
 
     def on_update(self, old: Obj, new: Obj) -> None:
-        new["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = (
-            old["metadata"]["name"]
-        )
+        new["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = old["metadata"][
+            "name"
+        ]
         new["spec"] = old.get("spec", {})
         new["status"] = old.get("status", {})
 
@@ -131,12 +166,20 @@ class ServiceStrategy:
         if not isinstance(spec, dict):
             raise invalid("Service", "", name, [_cause("spec", "Invalid value: must be an object")])
         if len(name) > 63 or not _DNS1123_LABEL.match(name):
-            raise invalid("Service", "", name, [_cause(
-                "metadata.name",
-                f'Invalid value: "{name}": a DNS-1035 label must consist of lower case '
-                "alphanumeric characters or '-', start with an alphabetic character, and end "
-                "with an alphanumeric character",
-            )])
+            raise invalid(
+                "Service",
+                "",
+                name,
+                [
+                    _cause(
+                        "metadata.name",
+                        f'Invalid value: "{name}": a DNS-1035 label must consist of lower case '
+                        "alphanumeric characters or '-', start with an alphabetic character, "
+                        "and end "
+                        "with an alphanumeric character",
+                    )
+                ],
+            )
         self._default(spec)
         self._validate(name, spec)
         cluster_ip = spec.get("clusterIP")
@@ -167,9 +210,17 @@ class ServiceStrategy:
             if key not in spec and key in old_spec:
                 spec[key] = old_spec[key]
             elif spec.get(key) != old_spec.get(key) and spec.get("type") != "ExternalName":
-                raise invalid("Service", "", name, [_cause(
-                    f"spec.{key}", f'Invalid value: "{spec.get(key)}": field is immutable',
-                )])
+                raise invalid(
+                    "Service",
+                    "",
+                    name,
+                    [
+                        _cause(
+                            f"spec.{key}",
+                            f'Invalid value: "{spec.get(key)}": field is immutable',
+                        )
+                    ],
+                )
         self._default(spec)
         self._validate(name, spec)
         new.setdefault("status", old.get("status", {"loadBalancer": {}}))
@@ -203,12 +254,14 @@ class ServiceStrategy:
     def _validate(name: str, spec: dict[str, Any]) -> None:
         causes: list[dict[str, str]] = []
         if spec["type"] not in _SERVICE_TYPES:
-            causes.append(_cause(
-                "spec.type",
-                f'Unsupported value: "{spec["type"]}": supported values: '
-                + ", ".join(f'"{t}"' for t in _SERVICE_TYPES),
-                "FieldValueNotSupported",
-            ))
+            causes.append(
+                _cause(
+                    "spec.type",
+                    f'Unsupported value: "{spec["type"]}": supported values: '
+                    + ", ".join(f'"{t}"' for t in _SERVICE_TYPES),
+                    "FieldValueNotSupported",
+                )
+            )
         ports = spec.get("ports") or []
         if not isinstance(ports, list):
             causes.append(_cause("spec.ports", "Invalid value: must be a list"))
@@ -224,25 +277,33 @@ class ServiceStrategy:
                 continue
             number = port.get("port")
             if not isinstance(number, int) or isinstance(number, bool) or not 0 < number < 65536:
-                causes.append(_cause(
-                    f"{where}.port", f"Invalid value: {number}: must be between 1 and 65535, "
-                    "inclusive",
-                ))
+                causes.append(
+                    _cause(
+                        f"{where}.port",
+                        f"Invalid value: {number}: must be between 1 and 65535, inclusive",
+                    )
+                )
             if port.get("protocol") not in _PROTOCOLS:
-                causes.append(_cause(
-                    f"{where}.protocol",
-                    f'Unsupported value: "{port.get("protocol")}": supported values: '
-                    '"SCTP", "TCP", "UDP"',
-                    "FieldValueNotSupported",
-                ))
+                causes.append(
+                    _cause(
+                        f"{where}.protocol",
+                        f'Unsupported value: "{port.get("protocol")}": supported values: '
+                        '"SCTP", "TCP", "UDP"',
+                        "FieldValueNotSupported",
+                    )
+                )
             port_name = port.get("name")
             if len(ports) > 1 and not port_name:
                 causes.append(_cause(f"{where}.name", "Required value", "FieldValueRequired"))
             elif port_name:
                 if port_name in names:
-                    causes.append(_cause(
-                        f"{where}.name", f'Duplicate value: "{port_name}"', "FieldValueDuplicate"
-                    ))
+                    causes.append(
+                        _cause(
+                            f"{where}.name",
+                            f'Duplicate value: "{port_name}"',
+                            "FieldValueDuplicate",
+                        )
+                    )
                 names.add(port_name)
         selector = spec.get("selector")
         if selector is not None and not (
@@ -258,17 +319,33 @@ class ServiceStrategy:
         except ValueError:
             address = None
         if address is None or address not in SERVICE_CIDR:
-            raise invalid("Service", "", name, [_cause(
-                "spec.clusterIPs",
-                f'Invalid value: ["{ip}"]: failed to allocate IP {ip}: the provided IP ({ip}) '
-                f"is not in the valid range. The range of valid IPs is {SERVICE_CIDR}",
-            )])
+            raise invalid(
+                "Service",
+                "",
+                name,
+                [
+                    _cause(
+                        "spec.clusterIPs",
+                        f'Invalid value: ["{ip}"]: failed to allocate IP {ip}: '
+                        f"the provided IP ({ip}) "
+                        f"is not in the valid range. The range of valid IPs is {SERVICE_CIDR}",
+                    )
+                ],
+            )
         if ip in self.allocated_ips or ip in _RESERVED_IPS:
-            raise invalid("Service", "", name, [_cause(
-                "spec.clusterIPs",
-                f'Invalid value: ["{ip}"]: failed to allocate IP {ip}: provided IP is already '
-                "allocated",
-            )])
+            raise invalid(
+                "Service",
+                "",
+                name,
+                [
+                    _cause(
+                        "spec.clusterIPs",
+                        f'Invalid value: ["{ip}"]: failed to allocate IP {ip}: '
+                        "provided IP is already "
+                        "allocated",
+                    )
+                ],
+            )
 
     def _free_ip(self) -> str:
         size = SERVICE_CIDR.num_addresses
@@ -290,7 +367,7 @@ class NetworkPolicyStrategy:
     def on_create(self, obj: Obj) -> None:
         self._default_and_validate(obj)
 
-    def on_update(self, old: Obj, new: Obj) -> None:
+    def on_update(self, old: Obj, new: Obj) -> None:  # noqa: ARG002 - the Admission protocol
         self._default_and_validate(new)
 
     @staticmethod
@@ -298,18 +375,30 @@ class NetworkPolicyStrategy:
         spec = obj.setdefault("spec", {})
         name = obj["metadata"]["name"]
         if not isinstance(spec, dict):
-            raise invalid("NetworkPolicy", "networking.k8s.io", name,
-                          [_cause("spec", "Invalid value: must be an object")])
+            raise invalid(
+                "NetworkPolicy",
+                "networking.k8s.io",
+                name,
+                [_cause("spec", "Invalid value: must be an object")],
+            )
         spec.setdefault("podSelector", {})
         if "policyTypes" not in spec:
             spec["policyTypes"] = ["Ingress"] + (["Egress"] if spec.get("egress") else [])
         for i, policy_type in enumerate(spec["policyTypes"]):
             if policy_type not in ("Ingress", "Egress"):
-                raise invalid("NetworkPolicy", "networking.k8s.io", name, [_cause(
-                    f"spec.policyTypes[{i}]",
-                    f'Unsupported value: "{policy_type}": supported values: "Egress", "Ingress"',
-                    "FieldValueNotSupported",
-                )])
+                raise invalid(
+                    "NetworkPolicy",
+                    "networking.k8s.io",
+                    name,
+                    [
+                        _cause(
+                            f"spec.policyTypes[{i}]",
+                            f'Unsupported value: "{policy_type}": supported values: '
+                            '"Egress", "Ingress"',
+                            "FieldValueNotSupported",
+                        )
+                    ],
+                )
 
 
 class Core:
@@ -326,11 +415,17 @@ class Core:
         for name in INITIAL_NAMESPACES:
             store.create(NAMESPACES, None, {"metadata": {"name": name}})
 
-    def check_delete(self, resource: ResourceType, namespace: str | None, name: str) -> None:
+    def check_delete(
+        self,
+        resource: ResourceType,
+        namespace: str | None,  # noqa: ARG002 - no namespaced type is protected yet
+        name: str,
+    ) -> None:
         """Refuse what the API server refuses to delete."""
         if resource == NAMESPACES and name in PROTECTED_NAMESPACES:
             raise ApiError(
-                403, "Forbidden",
+                403,
+                "Forbidden",
                 f'namespaces "{name}" is forbidden: this namespace may not be deleted',
                 details={"name": name, "kind": "namespaces"},
             )
@@ -342,12 +437,22 @@ class Core:
             self.services.observe(event_type, obj)
             if event_type == "MODIFIED" and previous is not None:
                 # Node ports dropped by an update are free again.
-                self.services.observe("DELETED", {"spec": {"ports": [
-                    p for p in previous.get("spec", {}).get("ports") or []
-                    if p.get("nodePort") not in {
-                        q.get("nodePort") for q in obj.get("spec", {}).get("ports") or []
-                    }
-                ]}})
+                self.services.observe(
+                    "DELETED",
+                    {
+                        "spec": {
+                            "ports": [
+                                p
+                                for p in previous.get("spec", {}).get("ports") or []
+                                if p.get("nodePort")
+                                not in {
+                                    q.get("nodePort")
+                                    for q in obj.get("spec", {}).get("ports") or []
+                                }
+                            ]
+                        }
+                    },
+                )
         elif resource == NAMESPACES and event_type == "DELETED":
             self._delete_contents(obj["metadata"]["name"])
 
@@ -357,7 +462,8 @@ class Core:
             if not resource.namespaced:
                 continue
             names = [
-                o["metadata"]["name"] for o in self.store.items(resource)
+                o["metadata"]["name"]
+                for o in self.store.items(resource)
                 if o["metadata"].get("namespace") == namespace
             ]
             for name in names:

@@ -10,6 +10,7 @@ Schemas are permissive objects: the simulator's admission does the real validati
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Iterable
@@ -86,7 +87,7 @@ def api_group(resources: Iterable[ResourceType], group: str) -> dict[str, Any] |
 
 def _storage_hash(resource: ResourceType) -> str:
     digest = hashlib.sha256(f"{resource.api_version}/{resource.kind}".encode()).digest()
-    return __import__("base64").b64encode(digest[:8]).decode()
+    return base64.b64encode(digest[:8]).decode()
 
 
 def api_resource_list(
@@ -151,13 +152,19 @@ def _query(name: str, description: str, type_: str = "string") -> dict[str, Any]
 
 _PATH_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _PATH_NAMESPACE = {
-    "name": "namespace", "in": "path", "required": True, "schema": {"type": "string"},
+    "name": "namespace",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
 }
 _WRITE_PARAMS = [
     _query("dryRun", "When present, indicates that modifications should not be persisted."),
     _query("fieldManager", "fieldManager is a name associated with the actor making changes."),
-    _query("fieldValidation", "fieldValidation instructs the server on how to handle objects "
-           "in the request containing unknown or duplicate fields."),
+    _query(
+        "fieldValidation",
+        "fieldValidation instructs the server on how to handle objects "
+        "in the request containing unknown or duplicate fields.",
+    ),
 ]
 _LIST_PARAMS = [
     _query("allowWatchBookmarks", "requests watch events with type BOOKMARK.", "boolean"),
@@ -165,8 +172,10 @@ _LIST_PARAMS = [
     _query("fieldSelector", "A selector to restrict the list of returned objects by fields."),
     _query("labelSelector", "A selector to restrict the list of returned objects by labels."),
     _query("limit", "limit is a maximum number of responses to return.", "integer"),
-    _query("resourceVersion", "Sets a constraint on what resource versions a request may be "
-           "served from."),
+    _query(
+        "resourceVersion",
+        "Sets a constraint on what resource versions a request may be served from.",
+    ),
     _query("timeoutSeconds", "Timeout for the list/watch call.", "integer"),
     _query("watch", "Watch for changes to the described resources.", "boolean"),
 ]
@@ -177,9 +186,14 @@ def _content(ref: str, types: Iterable[str] = ("application/json",)) -> dict[str
 
 
 def _operation(
-    resource: ResourceType, action: str, operation_id: str, ref: str, *,
+    resource: ResourceType,
+    action: str,
+    operation_id: str,
+    ref: str,
+    *,
     params: list[dict[str, Any]] | None = None,
-    body_types: Iterable[str] | None = None, status: str = "200",
+    body_types: Iterable[str] | None = None,
+    status: str = "200",
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "tags": [resource.api_version.replace("/", "_")],
@@ -205,43 +219,70 @@ def _paths(resource: ResourceType) -> dict[str, Any]:
     status_ref = "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.Status"
     kind = resource.kind
     scope = "Namespaced" if resource.namespaced else ""
+    # Strategic merge is accepted for built-in types but not advertised: kubectl would then
+    # compute the patch from these permissive schemas (and warn); without it, it uses its own.
     patch_types = list(_MERGE_PATCH_TYPES)
-    if not resource.custom:
-        patch_types.insert(2, "application/strategic-merge-patch+json")
     item_params = [_PATH_NAME, *([_PATH_NAMESPACE] if resource.namespaced else [])]
     collection = (
-        f"{base}/namespaces/{{namespace}}/{resource.plural}" if resource.namespaced
+        f"{base}/namespaces/{{namespace}}/{resource.plural}"
+        if resource.namespaced
         else f"{base}/{resource.plural}"
     )
     paths: dict[str, Any] = {
         collection: {
             "parameters": [_PATH_NAMESPACE] if resource.namespaced else [],
-            "get": _operation(resource, "list", f"list{scope}{kind}", list_ref,
-                              params=_LIST_PARAMS),
-            "post": _operation(resource, "post", f"create{scope}{kind}", ref,
-                               params=_WRITE_PARAMS, body_types=["application/json"],
-                               status="201"),
-            "delete": _operation(resource, "deletecollection",
-                                 f"deleteCollection{scope}{kind}", status_ref,
-                                 params=_LIST_PARAMS),
+            "get": _operation(
+                resource, "list", f"list{scope}{kind}", list_ref, params=_LIST_PARAMS
+            ),
+            "post": _operation(
+                resource,
+                "post",
+                f"create{scope}{kind}",
+                ref,
+                params=_WRITE_PARAMS,
+                body_types=["application/json"],
+                status="201",
+            ),
+            "delete": _operation(
+                resource,
+                "deletecollection",
+                f"deleteCollection{scope}{kind}",
+                status_ref,
+                params=_LIST_PARAMS,
+            ),
         },
         f"{collection}/{{name}}": {
             "parameters": item_params,
             "get": _operation(resource, "get", f"read{scope}{kind}", ref),
-            "put": _operation(resource, "put", f"replace{scope}{kind}", ref,
-                              params=_WRITE_PARAMS, body_types=["application/json"]),
-            "patch": _operation(resource, "patch", f"patch{scope}{kind}", ref,
-                                params=[*_WRITE_PARAMS, _query("force", "Force is going to "
-                                        "\"force\" Apply requests.", "boolean")],
-                                body_types=patch_types),
-            "delete": _operation(resource, "delete", f"delete{scope}{kind}", ref,
-                                 params=_WRITE_PARAMS),
+            "put": _operation(
+                resource,
+                "put",
+                f"replace{scope}{kind}",
+                ref,
+                params=_WRITE_PARAMS,
+                body_types=["application/json"],
+            ),
+            "patch": _operation(
+                resource,
+                "patch",
+                f"patch{scope}{kind}",
+                ref,
+                params=[
+                    *_WRITE_PARAMS,
+                    _query("force", 'Force is going to "force" Apply requests.', "boolean"),
+                ],
+                body_types=patch_types,
+            ),
+            "delete": _operation(
+                resource, "delete", f"delete{scope}{kind}", ref, params=_WRITE_PARAMS
+            ),
         },
     }
     if resource.namespaced:
         paths[f"{base}/{resource.plural}"] = {
-            "get": _operation(resource, "list", f"list{kind}ForAllNamespaces", list_ref,
-                              params=_LIST_PARAMS),
+            "get": _operation(
+                resource, "list", f"list{kind}ForAllNamespaces", list_ref, params=_LIST_PARAMS
+            ),
         }
     return paths
 

@@ -84,15 +84,21 @@ def conflict(plural: str, group: str, name: str) -> ApiError:
 
 
 def invalid(
-    kind: str, group: str, name: str | None, causes: list[dict[str, str]], message: str | None = None
+    kind: str,
+    group: str,
+    name: str | None,
+    causes: list[dict[str, str]],
+    message: str | None = None,
 ) -> ApiError:
     """422 ``Invalid``; each cause is ``{"type", "message", "field"}``."""
     if message is None:
         summary = "; ".join(
             f"{c['field']}: {c['message']}" if c.get("field") else c["message"] for c in causes
         )
-        message = f'{kind}.{group} "{name or ""}" is invalid: {summary}' if group else (
-            f'{kind} "{name or ""}" is invalid: {summary}'
+        message = (
+            f'{kind}.{group} "{name or ""}" is invalid: {summary}'
+            if group
+            else (f'{kind} "{name or ""}" is invalid: {summary}')
         )
     return ApiError(422, "Invalid", message, details=_details(name, group, kind, causes=causes))
 
@@ -101,13 +107,19 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
 
-def method_not_allowed(message: str = "the server does not allow this method on the requested resource") -> ApiError:
+def method_not_allowed(
+    message: str = "the server does not allow this method on the requested resource",
+) -> ApiError:
     return ApiError(405, "MethodNotAllowed", message)
 
 
 def unsupported_media_type(content_type: str) -> ApiError:
     return ApiError(
-        415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type})"
+        415,
+        "UnsupportedMediaType",
+        "the body of the request was in an unknown format - accepted media types include: "
+        "application/json-patch+json, application/merge-patch+json, "
+        f"application/apply-patch+yaml (got {content_type})",
     )
 
 
@@ -121,11 +133,15 @@ def too_many_requests(retry_after: int) -> ApiError:
     )
 
 
-def internal_error(message: str = "an error on the server (\"unknown\") has prevented the request from succeeding") -> ApiError:
+def internal_error(
+    message: str = 'an error on the server ("unknown") has prevented the request from succeeding',
+) -> ApiError:
     return ApiError(500, "InternalError", message)
 
 
-def service_unavailable(message: str = "the server is currently unable to handle the request") -> ApiError:
+def service_unavailable(
+    message: str = "the server is currently unable to handle the request",
+) -> ApiError:
     return ApiError(503, "ServiceUnavailable", message)
 
 

@@ -16,7 +16,7 @@ import random
 import re
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ CPU_ALLOCATION_RATIO = 10  # KubeVirt requests 1000m / ratio per vCPU when the V
 DEFAULT_PROBE_PERIOD_SECONDS = 10
 SYNC_FAILED_REASON = "Synchronizing with the Domain failed."
 SYNC_FAILED_MESSAGE = (
-    "server error. command SyncVMI failed: \"LibvirtError(Code=1, Domain=10, "
+    'server error. command SyncVMI failed: "LibvirtError(Code=1, Domain=10, '
     "Message='internal error: qemu unexpectedly closed the monitor: "
     "qemu-kvm: failed to initialize kvm: Cannot allocate memory')\""
 )
@@ -115,7 +115,9 @@ class SimulationConfig:
         except QuantityError:
             problems.append(f"node_memory is not a quantity: {self.node_memory!r}")
         if not 0.0 <= self.boot_failure_rate <= 1.0:
-            problems.append(f"boot_failure_rate must be within [0, 1], got {self.boot_failure_rate}")
+            problems.append(
+                f"boot_failure_rate must be within [0, 1], got {self.boot_failure_rate}"
+            )
         if self.time_scale <= 0:
             problems.append(f"time_scale must be positive, got {self.time_scale}")
         if self.max_grace_seconds < 0:
@@ -127,20 +129,20 @@ class SimulationConfig:
 # -- admission ---------------------------------------------------------------------------------
 
 
+_JSON_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),  # before int: a bool is an int to Python, not to JSON
+    (int, "integer"),
+    (float, "number"),
+    (str, "string"),
+    (list, "array"),
+    (dict, "object"),
+)
+
+
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
+    return next((name for kind, name in _JSON_TYPES if isinstance(value, kind)), "object")
 
 
 def _path(parts: Iterable[str | int]) -> str:
@@ -184,15 +186,17 @@ def _schema_causes(error: jsonschema.ValidationError) -> list[Cause]:
     """An API-server style cause for one JSON-schema error."""
     where = _path(error.absolute_path)
     instance = error.instance
+    expected: Any = error.validator_value
+    schema: Any = error.schema if isinstance(error.schema, dict) else {}
     if error.validator == "required" and isinstance(instance, dict):
         return [
             _required(_path([*error.absolute_path, name]))
-            for name in error.validator_value
+            for name in expected
             if name not in instance
         ]
     if error.validator == "additionalProperties" and isinstance(instance, dict):
-        known = error.schema.get("properties", {})
-        patterns = error.schema.get("patternProperties", {})
+        known = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
         unknown = [
             key
             for key in instance
@@ -207,24 +211,28 @@ def _schema_causes(error: jsonschema.ValidationError) -> list[Cause]:
             for key in unknown
         ]
     if error.validator == "type":
-        expected = error.validator_value
         if isinstance(expected, list):
             expected = "/".join(expected)
         return [_wrong_type(where, str(expected), instance)]
     if error.validator == "enum":
-        supported = ", ".join(json.dumps(v) for v in error.validator_value)
-        return [{
-            "type": "FieldValueNotSupported",
-            "message": f"Unsupported value: {json.dumps(instance)}: supported values: {supported}",
-            "field": where,
-        }]
+        supported = ", ".join(json.dumps(v) for v in expected)
+        return [
+            {
+                "type": "FieldValueNotSupported",
+                "message": f"Unsupported value: {json.dumps(instance)}: "
+                f"supported values: {supported}",
+                "field": where,
+            }
+        ]
     if error.validator == "anyOf" and any(e.validator == "pattern" for e in error.context or ()):
         return [_bad_quantity(where, instance)]
-    return [{
-        "type": "FieldValueInvalid",
-        "message": f"Invalid value: {json.dumps(instance)[:200]}: {error.message[:300]}",
-        "field": where,
-    }]
+    return [
+        {
+            "type": "FieldValueInvalid",
+            "message": f"Invalid value: {json.dumps(instance)[:200]}: {error.message[:300]}",
+            "field": where,
+        }
+    ]
 
 
 class _Structure:
@@ -291,7 +299,9 @@ def structure_causes(obj: Obj) -> list[Cause]:
             check.named_list(devices, "disks", "spec.domain.devices.disks")
             check.named_list(devices, "interfaces", "spec.domain.devices.interfaces")
             check.scalar(
-                devices, "autoattachPodInterface", "spec.domain.devices.autoattachPodInterface",
+                devices,
+                "autoattachPodInterface",
+                "spec.domain.devices.autoattachPodInterface",
                 "boolean",
             )
         resources = check.object(domain, "resources", "spec.domain.resources")
@@ -307,12 +317,14 @@ def structure_causes(obj: Obj) -> list[Cause]:
         if cpu is not None:
             for key in ("cores", "sockets", "threads"):
                 check.scalar(cpu, key, f"spec.domain.cpu.{key}", "integer")
-            check.scalar(cpu, "dedicatedCpuPlacement", "spec.domain.cpu.dedicatedCpuPlacement",
-                         "boolean")
+            check.scalar(
+                cpu, "dedicatedCpuPlacement", "spec.domain.cpu.dedicatedCpuPlacement", "boolean"
+            )
     check.named_list(spec, "volumes", "spec.volumes")
     check.named_list(spec, "networks", "spec.networks")
-    check.scalar(spec, "terminationGracePeriodSeconds", "spec.terminationGracePeriodSeconds",
-                 "integer")
+    check.scalar(
+        spec, "terminationGracePeriodSeconds", "spec.terminationGracePeriodSeconds", "integer"
+    )
     for key in ("hostname", "subdomain"):
         check.scalar(spec, key, f"spec.{key}", "string")
     probe = check.object(spec, "readinessProbe", "spec.readinessProbe")
@@ -328,74 +340,102 @@ def _names(items: list[Obj]) -> list[str]:
 
 def webhook_causes(spec: Obj) -> list[Cause]:
     """KubeVirt's create validator, in its order, for the rules the simulator enforces."""
-    causes: list[Cause] = []
     devices = spec["domain"]["devices"]
-    disks = _names(devices.get("disks") or [])
-    interfaces = _names(devices.get("interfaces") or [])
-    volumes = _names(spec.get("volumes") or [])
-    networks = _names(spec.get("networks") or [])
-    filesystems = _names(devices.get("filesystems") or [])
+    causes = _network_causes(
+        _names(spec.get("networks") or []), _names(devices.get("interfaces") or [])
+    )
+    causes.extend(_storage_causes(spec))
+    if not _requests_memory(spec["domain"]):
+        causes.append(
+            {
+                "type": "FieldValueRequired",
+                "message": NO_MEMORY_MESSAGE,
+                "field": "spec.domain.resources.requests.memory",
+            }
+        )
+    return causes
 
+
+def _network_causes(networks: list[str], interfaces: list[str]) -> list[Cause]:
+    """pkg/network/admitter: unique names, and networks and interfaces paired by name."""
+    causes: list[Cause] = []
     seen: set[str] = set()
     for index, name in enumerate(networks):
         if name in seen:
-            causes.append({
-                "type": "FieldValueDuplicate",
-                "message": f'Network with name "{name}" already exists, every network must '
-                "have a unique name",
-                "field": f"spec.networks[{index}].name",
-            })
+            causes.append(
+                {
+                    "type": "FieldValueDuplicate",
+                    "message": f'Network with name "{name}" already exists, every network must '
+                    "have a unique name",
+                    "field": f"spec.networks[{index}].name",
+                }
+            )
         seen.add(name)
     for index, name in enumerate(networks):
         if name not in interfaces:
-            causes.append({
-                "type": "FieldValueRequired",
-                "message": f"spec.networks[{index}].name '{name}' not found.",
-                "field": f"spec.networks[{index}].name",
-            })
+            causes.append(
+                {
+                    "type": "FieldValueRequired",
+                    "message": f"spec.networks[{index}].name '{name}' not found.",
+                    "field": f"spec.networks[{index}].name",
+                }
+            )
     seen = set()
     for index, name in enumerate(interfaces):
         if name in seen:
-            causes.append({
-                "type": "FieldValueDuplicate",
-                "message": "Only one interface can be connected to one specific network",
-                "field": f"spec.domain.devices.interfaces[{index}].name",
-            })
+            causes.append(
+                {
+                    "type": "FieldValueDuplicate",
+                    "message": "Only one interface can be connected to one specific network",
+                    "field": f"spec.domain.devices.interfaces[{index}].name",
+                }
+            )
         seen.add(name)
     for index, name in enumerate(interfaces):
         if name not in networks:
             where = f"spec.domain.devices.interfaces[{index}].name"
-            causes.append({
-                "type": "FieldValueInvalid",
-                "message": f"{where} '{name}' not found.",
-                "field": where,
-            })
+            causes.append(
+                {
+                    "type": "FieldValueInvalid",
+                    "message": f"{where} '{name}' not found.",
+                    "field": where,
+                }
+            )
+    return causes
+
+
+def _storage_causes(spec: Obj) -> list[Cause]:
+    """Disks and volumes: unique names, and every disk backed by a volume and vice versa."""
+    devices = spec["domain"]["devices"]
+    disks = _names(devices.get("disks") or [])
+    filesystems = _names(devices.get("filesystems") or [])
+    volume_items = spec.get("volumes") or []
+    volumes = _names(volume_items)
+    causes: list[Cause] = []
     for index, name in enumerate(disks):
         if name not in volumes:
             where = f"spec.domain.devices.disks[{index}].name"
-            causes.append({
-                "type": "FieldValueInvalid",
-                "message": f"{where} '{name}' does not have a matching Volume.",
-                "field": where,
-            })
+            causes.append(
+                {
+                    "type": "FieldValueInvalid",
+                    "message": f"{where} '{name}' does not have a matching Volume.",
+                    "field": where,
+                }
+            )
     causes.extend(_duplicates(disks, "spec.domain.devices.disks"))
     causes.extend(_duplicates(volumes, "spec.volumes"))
-    volume_items = spec.get("volumes") or []
     for index, name in enumerate(volumes):
-        if name not in disks and name not in filesystems and "memoryDump" not in volume_items[index]:
+        used = name in disks or name in filesystems or "memoryDump" in volume_items[index]
+        if not used:
             # Upstream names the field "spec.domain.volumes" here; so do we.
             where = f"spec.domain.volumes[{index}].name"
-            causes.append({
-                "type": "FieldValueInvalid",
-                "message": f"{where} '{name}' not found.",
-                "field": where,
-            })
-    if not _requests_memory(spec["domain"]):
-        causes.append({
-            "type": "FieldValueRequired",
-            "message": NO_MEMORY_MESSAGE,
-            "field": "spec.domain.resources.requests.memory",
-        })
+            causes.append(
+                {
+                    "type": "FieldValueInvalid",
+                    "message": f"{where} '{name}' not found.",
+                    "field": where,
+                }
+            )
     return causes
 
 
@@ -404,12 +444,14 @@ def _duplicates(names: list[str], where: str) -> list[Cause]:
     first: dict[str, int] = {}
     for index, name in enumerate(names):
         if name in first:
-            causes.append({
-                "type": "FieldValueInvalid",
-                "message": f"{where}[{index}] and {where}[{first[name]}] must not have the "
-                "same Name.",
-                "field": f"{where}[{index}].name",
-            })
+            causes.append(
+                {
+                    "type": "FieldValueInvalid",
+                    "message": f"{where}[{index}] and {where}[{first[name]}] must not have the "
+                    "same Name.",
+                    "field": f"{where}[{index}].name",
+                }
+            )
         else:
             first[name] = index
     return causes
@@ -481,17 +523,19 @@ class VmiAdmission:
         causes = self._schema_violations(obj) or structure_causes(obj)
         if causes:
             raise invalid(VMI.kind, VMI.group, name, causes)
+        # The mutating webhook runs before the validating one, as in the API server.
         spec = obj["spec"]
         _default_spec(spec)
+        _default_resources(spec)
         causes = webhook_causes(spec)
         if causes:
-            raise invalid(VMI.kind, VMI.group, name, causes, message=denied(CREATE_VALIDATOR, causes))
-        _default_resources(spec)
+            message = denied(CREATE_VALIDATOR, causes)
+            raise invalid(VMI.kind, VMI.group, name, causes, message=message)
         meta = obj["metadata"]
-        finalizers = meta.setdefault("finalizers", [])
+        finalizers = list(meta.get("finalizers") or [])
         if FINALIZER not in finalizers:
-            finalizers.append(FINALIZER)
-        annotations = meta.setdefault("annotations", {})
+            meta["finalizers"] = [*finalizers, FINALIZER]
+        annotations = _child(meta, "annotations")
         annotations.setdefault("kubevirt.io/latest-observed-api-version", VMI.version)
         annotations.setdefault("kubevirt.io/storage-observed-api-version", VMI.version)
         now = self._clock()
@@ -502,13 +546,18 @@ class VmiAdmission:
 
     def on_update(self, old: Obj, new: Obj) -> None:
         if new.get("spec") != old.get("spec"):
-            causes = [{
-                "type": "FieldValueNotSupported",
-                "message": UPDATE_RESTRICTED_MESSAGE,
-                "field": "spec",
-            }]
+            causes = [
+                {
+                    "type": "FieldValueNotSupported",
+                    "message": UPDATE_RESTRICTED_MESSAGE,
+                    "field": "spec",
+                }
+            ]
             raise invalid(
-                VMI.kind, VMI.group, old["metadata"]["name"], causes,
+                VMI.kind,
+                VMI.group,
+                old["metadata"]["name"],
+                causes,
                 message=denied(UPDATE_VALIDATOR, causes),
             )
         # Without a status subresource a PUT carries status; it belongs to KubeVirt's
@@ -531,7 +580,7 @@ class VmiAdmission:
 
 
 def _default_spec(spec: Obj) -> None:
-    """The mutating webhook's defaults that validation already sees."""
+    """The mutating webhook's grace period and pod network."""
     spec.setdefault("terminationGracePeriodSeconds", DEFAULT_GRACE_PERIOD_SECONDS)
     devices = spec["domain"]["devices"]
     if (
@@ -543,22 +592,41 @@ def _default_spec(spec: Obj) -> None:
         devices["interfaces"] = [{"name": "default", "bridge": {}}]
 
 
+def _child(parent: Obj, key: str) -> Obj:
+    """``parent[key]`` as a dict, created when absent or null."""
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        value = parent[key] = {}
+    return value
+
+
 def _default_resources(spec: Obj) -> None:
-    """Architecture, machine, CPU topology, and guest memory mirrored into requests."""
+    """The rest of the mutating webhook: machine, CPU, memory requests, pull policies."""
     domain = spec["domain"]
     spec.setdefault("architecture", "amd64")
-    domain.setdefault("machine", {}).setdefault("type", "q35")
-    cpu = domain.setdefault("cpu", {})
+    _child(domain, "machine").setdefault("type", "q35")
+    cpu = _child(domain, "cpu")
     for key in ("cores", "sockets", "threads"):
         cpu.setdefault(key, 1)
     cpu.setdefault("model", "host-model")
-    memory = domain.get("memory") or {}
-    resources = domain.setdefault("resources", {})
+    resources = _child(domain, "resources")
     requests = resources.get("requests") or {}
-    if "memory" not in requests and memory.get("guest") is not None:
-        resources.setdefault("requests", {})["memory"] = memory["guest"]
-    elif "guest" not in memory and requests.get("memory") is not None:
-        domain.setdefault("memory", {})["guest"] = requests["memory"]
+    limits = resources.get("limits") or {}
+    defaults = {k: limits[k] for k in ("cpu", "memory") if k not in requests and k in limits}
+    guest = (domain.get("memory") or {}).get("guest")
+    if "memory" not in requests and "memory" not in defaults and guest is not None:
+        defaults["memory"] = guest
+    if defaults:
+        resources["requests"] = {**requests, **defaults}
+    requested_memory = resources.get("requests", {}).get("memory")
+    if guest is None and requested_memory is not None and to_bytes(requested_memory) > 0:
+        _child(domain, "memory")["guest"] = requested_memory
+    for volume in spec.get("volumes") or []:
+        disk = volume.get("containerDisk")
+        if isinstance(disk, dict) and "imagePullPolicy" not in disk:
+            image = str(disk.get("image", ""))
+            latest = image.endswith(":latest") or not any(c in image for c in ":@")
+            disk["imagePullPolicy"] = "Always" if latest else "IfNotPresent"
 
 
 # -- scheduling requests -----------------------------------------------------------------------
@@ -566,7 +634,10 @@ def _default_resources(spec: Obj) -> None:
 
 def vcpus(spec: Obj) -> int:
     cpu = spec["domain"].get("cpu") or {}
-    return max(1, int(cpu.get("cores") or 1) * int(cpu.get("sockets") or 1) * int(cpu.get("threads") or 1))
+    count = 1
+    for key in ("cores", "sockets", "threads"):
+        count *= int(cpu.get(key) or 1)
+    return max(1, count)
 
 
 def guest_memory_bytes(spec: Obj) -> int:
@@ -594,9 +665,7 @@ def launcher_pod_request(spec: Obj) -> PodRequest:
         cpu = count * 1000 // CPU_ALLOCATION_RATIO
     memory_request = requests.get("memory") or limits.get("memory")
     guest = to_bytes(memory_request) if memory_request is not None else guest_memory_bytes(spec)
-    overhead = (
-        LAUNCHER_MEMORY_OVERHEAD + MEMORY_OVERHEAD_PER_VCPU * count + math.ceil(guest / 512)
-    )
+    overhead = LAUNCHER_MEMORY_OVERHEAD + MEMORY_OVERHEAD_PER_VCPU * count + math.ceil(guest / 512)
     return PodRequest(cpu_millicores=cpu, memory_bytes=guest + overhead)
 
 
@@ -623,7 +692,7 @@ class _Tracked:
     phase: str = "Pending"
     placement: Placement | None = None
     deleting: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    overrun: bool = False  # the grace period ends before the guest would stop
 
 
 class KubeVirt:
@@ -676,7 +745,7 @@ class KubeVirt:
             self._release(tracked)
         return clone(updated if updated is not None else current)
 
-    def node_usage(self) -> list[dict[str, object]]:
+    def node_usage(self) -> list[dict[str, Any]]:
         """Per node: name, podCIDR, capacity and allocated (cpu, memory, pods)."""
         return self._cluster.usage()
 
@@ -714,7 +783,7 @@ class KubeVirt:
         )
         fails_draw = self._rng.random()
         shutdown = self._rng.uniform(0.3, 0.6) * scale
-        finalize = self._rng.uniform(0.05, 0.15) * scale
+        finalize = self._rng.uniform(0.1, 0.25) * scale
         pod_uid = str(uuid.UUID(int=self._rng.getrandbits(128), version=4))
         mac_suffix = bytes(self._rng.getrandbits(8) for _ in range(3))
         tracked = _Tracked(
@@ -761,10 +830,12 @@ class KubeVirt:
             if placement is not None:
                 _bound(status, tracked, placement, now)
             else:
-                set_condition(status, "PodScheduled", "False", now, reason="Unschedulable",
-                              message=message)
+                set_condition(
+                    status, "PodScheduled", "False", now, reason="Unschedulable", message=message
+                )
 
         if self._write(tracked, scheduling) is None:
+            self._cluster.release(tracked.uid)
             return
         if placement is not None:
             self._after(tracked.pod_start, tracked, self._pod_ready)
@@ -779,7 +850,7 @@ class KubeVirt:
         tracked.phase = "Scheduled"
 
         def scheduled(obj: Obj, now: float) -> None:
-            obj["metadata"].setdefault("labels", {})[NODE_NAME_LABEL] = placement.node
+            _child(obj["metadata"], "labels")[NODE_NAME_LABEL] = placement.node
             status = obj.setdefault("status", {})
             enter_phase(status, "Scheduled", now)
             status["nodeName"] = placement.node
@@ -817,8 +888,14 @@ class KubeVirt:
                 status = obj.setdefault("status", {})
                 enter_phase(status, "Failed", now)
                 _ready_false(status, "PodTerminating", now)
-                set_condition(status, "Synchronized", "False", now, reason=SYNC_FAILED_REASON,
-                              message=SYNC_FAILED_MESSAGE)
+                set_condition(
+                    status,
+                    "Synchronized",
+                    "False",
+                    now,
+                    reason=SYNC_FAILED_REASON,
+                    message=SYNC_FAILED_MESSAGE,
+                )
 
             self._write(tracked, failed)
             self._release(tracked)
@@ -830,8 +907,14 @@ class KubeVirt:
             status = obj.setdefault("status", {})
             enter_phase(status, "Running", now)
             if spec.get("readinessProbe"):
-                set_condition(status, "Ready", "False", now, reason="ContainersNotReady",
-                              message="containers with unready status: [compute]")
+                set_condition(
+                    status,
+                    "Ready",
+                    "False",
+                    now,
+                    reason="ContainersNotReady",
+                    message="containers with unready status: [compute]",
+                )
             else:
                 set_condition(status, "Ready", "True", now)
             _live_migratable(status, spec, now)
@@ -842,7 +925,9 @@ class KubeVirt:
             guest = (spec["domain"].get("memory") or {}).get("guest")
             if guest is not None:
                 status["memory"] = {
-                    "guestAtBoot": guest, "guestCurrent": guest, "guestRequested": guest,
+                    "guestAtBoot": guest,
+                    "guestCurrent": guest,
+                    "guestRequested": guest,
                 }
             status["migrationMethod"] = "BlockMigration"
             status["migrationTransport"] = "Unix"
@@ -873,22 +958,25 @@ class KubeVirt:
         if grace <= 0:
             grace = obj["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_PERIOD_SECONDS)
         grace = min(float(grace), self._config.max_grace_seconds) * self._config.time_scale
-        overrun = 0 < grace < tracked.shutdown
-        stop_after = grace if overrun else tracked.shutdown
-        tracked.extra["overrun"] = overrun
+        tracked.overrun = 0 < grace < tracked.shutdown
+        stop_after = grace if tracked.overrun else tracked.shutdown
 
         def terminating(obj: Obj, now: float) -> None:
             _ready_false(obj.setdefault("status", {}), "PodTerminating", now)
 
-        self._after(min(0.02 * self._config.time_scale, stop_after), tracked,
-                    lambda t: self._write(t, terminating), when_deleting=True)
+        self._after(
+            min(0.02 * self._config.time_scale, stop_after),
+            tracked,
+            lambda t: self._write(t, terminating),
+            when_deleting=True,
+        )
         self._after(stop_after, tracked, self._guest_stopped, when_deleting=True)
 
     def _guest_stopped(self, tracked: _Tracked) -> None:
         """The guest shut down (or was killed when the grace period ran out)."""
         if tracked.phase not in FINAL_PHASES:
             final = "Succeeded"
-            if tracked.phase != "Running" or tracked.extra.get("overrun"):
+            if tracked.phase != "Running" or tracked.overrun:
                 final = "Failed"  # never booted, or would not stop in time
             tracked.phase = final
 
@@ -936,19 +1024,29 @@ class KubeVirt:
                 message = self._cluster.unschedulable_message(tracked.request)
 
                 def still_unschedulable(obj: Obj, now: float, message: str = message) -> None:
-                    set_condition(obj.setdefault("status", {}), "PodScheduled", "False", now,
-                                  reason="Unschedulable", message=message)
+                    set_condition(
+                        obj.setdefault("status", {}),
+                        "PodScheduled",
+                        "False",
+                        now,
+                        reason="Unschedulable",
+                        message=message,
+                    )
 
                 self._write(tracked, still_unschedulable)
                 continue
             self._waiting.remove(uid)
             tracked.placement = placement
 
-            def bound(obj: Obj, now: float, t: _Tracked = tracked, p: Placement = placement) -> None:
+            def bound(
+                obj: Obj, now: float, t: _Tracked = tracked, p: Placement = placement
+            ) -> None:
                 _bound(obj.setdefault("status", {}), t, p, now)
 
-            if self._write(tracked, bound) is not None:
-                self._after(tracked.pod_start, tracked, self._pod_ready)
+            if self._write(tracked, bound) is None:
+                self._cluster.release(uid)
+                continue
+            self._after(tracked.pod_start, tracked, self._pod_ready)
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -1005,13 +1103,15 @@ def _interfaces(spec: Obj, ip: str, mac_suffix: bytes) -> list[Obj]:
         )
         entry: Obj = {"name": iface["name"], "mac": mac, "queueCount": 1}
         if iface["name"] in pod_networks:
-            entry.update({
-                "infoSource": "domain, guest-agent",
-                "interfaceName": f"eth{index}",
-                "ipAddress": ip,
-                "ipAddresses": [ip],
-                "podInterfaceName": "eth0",
-            })
+            entry.update(
+                {
+                    "infoSource": "domain, guest-agent",
+                    "interfaceName": f"eth{index}",
+                    "ipAddress": ip,
+                    "ipAddresses": [ip],
+                    "podInterfaceName": "eth0",
+                }
+            )
         else:
             entry["infoSource"] = "domain"
         result.append(entry)
@@ -1025,8 +1125,14 @@ def _live_migratable(status: Obj, spec: Obj, now: float) -> None:
         for iface in spec["domain"]["devices"].get("interfaces") or []
     )
     if bridged:
-        set_condition(status, "LiveMigratable", "False", now,
-                      reason="InterfaceNotLiveMigratable", message=BRIDGE_NOT_MIGRATABLE)
+        set_condition(
+            status,
+            "LiveMigratable",
+            "False",
+            now,
+            reason="InterfaceNotLiveMigratable",
+            message=BRIDGE_NOT_MIGRATABLE,
+        )
     else:
         set_condition(status, "LiveMigratable", "True", now)
 
@@ -1041,14 +1147,13 @@ VMI_TABLE_COLUMNS: list[dict[str, Any]] = [
         ("IP", "string", ".status.interfaces[0].ipAddress", 0),
         ("NodeName", "string", ".status.nodeName", 0),
         ("Ready", "string", ".status.conditions[?(@.type=='Ready')].status", 0),
-        ("Live-Migratable", "string",
-         ".status.conditions[?(@.type=='LiveMigratable')].status", 1),
+        ("Live-Migratable", "string", ".status.conditions[?(@.type=='LiveMigratable')].status", 1),
         ("Paused", "string", ".status.conditions[?(@.type=='Paused')].status", 1),
     )
 ]
 
 
-def human_duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:  # noqa: PLR0911 - mirrors the Go, branch by branch
     """kubectl's age format (k8s.io/apimachinery/pkg/util/duration.HumanDuration)."""
     whole = int(seconds)
     if whole < -1:
@@ -1095,7 +1200,8 @@ def vmi_table_row(obj: Obj, now: float) -> list[object]:
     age = "<unknown>"
     if created:
         try:
-            age = human_duration(now - datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+            since = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+            age = human_duration(now - since)
         except ValueError:
             age = "<invalid>"
     interfaces = status.get("interfaces") or [{}]

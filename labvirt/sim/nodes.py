@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from labvirt.sim.quantity import format_bytes, format_millicores
 
@@ -124,7 +125,7 @@ class Cluster:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items()))
         return f"0/{len(self.nodes)} nodes are available: {reasons}."
 
-    def usage(self) -> list[dict[str, object]]:
+    def usage(self) -> list[dict[str, Any]]:
         return [
             {
                 "name": node.name,

@@ -144,7 +144,11 @@ def _merge_list(
             merged.append(copy.deepcopy(item))
             continue
         index = next(
-            (i for i, old in enumerate(merged) if isinstance(old, dict) and old.get(key) == item[key]),
+            (
+                i
+                for i, old in enumerate(merged)
+                if isinstance(old, dict) and old.get(key) == item[key]
+            ),
             None,
         )
         if item.get("$patch") == "delete":
@@ -224,12 +228,12 @@ def _pointer(path: str) -> list[str]:
     return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
 
 
-def _index(token: str, length: int, path: str, *, allow_end: bool) -> int:
-    if token == "-" and allow_end:
+def _index(step: str, length: int, path: str, *, allow_end: bool) -> int:
+    if step == "-" and allow_end:
         return length
-    if not token.isdigit() or (len(token) > 1 and token[0] == "0"):
-        raise _unprocessable(f"invalid array index {token!r} in path: {path}")
-    index = int(token)
+    if not step.isdigit() or (len(step) > 1 and step[0] == "0"):
+        raise _unprocessable(f"invalid array index {step!r} in path: {path}")
+    index = int(step)
     if index > length or (index == length and not allow_end):
         raise _unprocessable(f"Unable to access invalid index: {index}: invalid index referenced")
     return index
@@ -308,7 +312,7 @@ def _remove(doc: Any, path: str, op: str = "remove") -> tuple[Any, Any]:
     )
 
 
-def _apply_operation(doc: Any, operation: dict[str, Any]) -> Any:
+def _apply_operation(doc: Any, operation: dict[str, Any]) -> Any:  # noqa: PLR0911 - one per op
     op = operation["op"]
     path = operation["path"]
     if op == "add":

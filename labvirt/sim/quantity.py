@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 
 # The grammar of k8s.io/apimachinery/pkg/api/resource: <signedNumber><suffix>, where the suffix
 # is a binary SI unit, a decimal SI unit, or an exponent.
@@ -33,13 +33,15 @@ _DECIMAL = {
 }
 
 
+# Enough digits for any mantissa times 2**60 (and far more than Kubernetes' 2**63 cap).
+_EXACT = Context(prec=100)
+
+
 class QuantityError(ValueError):
     """Raised for text that is not a Kubernetes quantity; the message is the API server's."""
 
     def __init__(self, value: object) -> None:
-        super().__init__(
-            f"quantities must match the regular expression '{QUANTITY_PATTERN}'"
-        )
+        super().__init__(f"quantities must match the regular expression '{QUANTITY_PATTERN}'")
         self.value = value
 
 
@@ -66,16 +68,26 @@ def parse_quantity(value: str | int | float) -> Decimal:
     except InvalidOperation as exc:  # pragma: no cover - the regex already vouched for it
         raise QuantityError(value) from exc
     if suffix in _BINARY:
-        return mantissa * _BINARY[suffix]
+        return _EXACT.multiply(mantissa, _BINARY[suffix])
     if suffix in _DECIMAL:
-        return mantissa * _DECIMAL[suffix]
+        return _EXACT.multiply(mantissa, _DECIMAL[suffix])
     if _EXPONENT.match(suffix):
-        return mantissa.scaleb(int(suffix[1:]))
+        try:
+            return mantissa.scaleb(int(suffix[1:]), _EXACT)
+        except ArithmeticError as exc:  # beyond any quantity's range
+            raise QuantityError(value) from exc
     raise QuantityError(value)
 
 
+MAX_VALUE = 2**63 - 1  # larger quantities are capped, as Kubernetes does
+
+
 def _ceil(value: Decimal) -> int:
-    return int(value.to_integral_value(rounding="ROUND_CEILING"))
+    if value >= MAX_VALUE:
+        return MAX_VALUE
+    if value <= -MAX_VALUE:
+        return -MAX_VALUE
+    return int(value.to_integral_value(rounding="ROUND_CEILING", context=_EXACT))
 
 
 def to_bytes(value: str | int | float) -> int:
@@ -85,7 +97,7 @@ def to_bytes(value: str | int | float) -> int:
 
 def to_millicores(value: str | int | float) -> int:
     """Whole millicores, rounded up (``Quantity.MilliValue()``)."""
-    return _ceil(parse_quantity(value) * 1000)
+    return _ceil(_EXACT.multiply(parse_quantity(value), 1000))
 
 
 def format_bytes(amount: int) -> str:

@@ -179,7 +179,7 @@ def parse_field_selector(
     terms: list[tuple[str, bool, str]] = []
     for raw in text.split(","):
         part = raw.strip()
-        for op, equal in (("!=", False), ("==", True), ("=", True)):
+        for op, equal in (("!=", False), ("==", True), ("=", True)):  # noqa: B007 - used after break
             if op in part:
                 field, value = (s.strip() for s in part.split(op, 1))
                 break

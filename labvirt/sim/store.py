@@ -34,9 +34,16 @@ from labvirt.sim.selectors import FieldSelector, LabelSelector
 Obj = dict[str, Any]
 
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_SERVER_METADATA = ("uid", "creationTimestamp", "generation", "deletionTimestamp",
-                    "deletionGracePeriodSeconds")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_SERVER_METADATA = (
+    "uid",
+    "creationTimestamp",
+    "generation",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,14 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     verbs: tuple[str, ...] = (
-        "delete", "deletecollection", "get", "list", "patch", "create", "update", "watch",
+        "delete",
+        "deletecollection",
+        "get",
+        "list",
+        "patch",
+        "create",
+        "update",
+        "watch",
     )
     custom: bool = False  # a CustomResourceDefinition: no strategic merge patch
 
@@ -108,7 +122,7 @@ class WatchEvent:
 class Watcher:
     """One watch stream's view: a filter and a queue of encoded lines the server drains."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - constructed by Store.watch only
         self,
         store: Store,
         resource: ResourceType,
@@ -331,11 +345,18 @@ class Store:
         if not meta.get("name"):
             prefix = meta.get("generateName")
             if not prefix:
-                raise invalid(resource.kind, resource.group, None, [{
-                    "type": "FieldValueRequired",
-                    "message": "Required value: name or generateName is required",
-                    "field": "metadata.name",
-                }])
+                raise invalid(
+                    resource.kind,
+                    resource.group,
+                    None,
+                    [
+                        {
+                            "type": "FieldValueRequired",
+                            "message": "Required value: name or generateName is required",
+                            "field": "metadata.name",
+                        }
+                    ],
+                )
             meta["name"] = self._generate_name(resource, namespace, str(prefix))
         name = str(meta["name"])
         self._check_name(resource, name)
@@ -384,11 +405,18 @@ class Store:
         given_rv = meta.get("resourceVersion")
         if not given_rv:
             if require_resource_version:
-                raise invalid(resource.kind, resource.group, name, [{
-                    "type": "FieldValueInvalid",
-                    "message": "Invalid value: 0x0: must be specified for an update",
-                    "field": "metadata.resourceVersion",
-                }])
+                raise invalid(
+                    resource.kind,
+                    resource.group,
+                    name,
+                    [
+                        {
+                            "type": "FieldValueInvalid",
+                            "message": "Invalid value: 0x0: must be specified for an update",
+                            "field": "metadata.resourceVersion",
+                        }
+                    ],
+                )
         elif str(given_rv) != current["metadata"]["resourceVersion"]:
             raise conflict(resource.plural, resource.group, name)
         old_meta = current["metadata"]
@@ -402,12 +430,19 @@ class Store:
         if old_meta.get("deletionTimestamp") and len(meta.get("finalizers") or []) > len(
             old_meta.get("finalizers") or []
         ):
-            raise invalid(resource.kind, resource.group, name, [{
-                "type": "FieldValueForbidden",
-                "message": "Forbidden: no new finalizers can be added if the object is being "
-                "deleted",
-                "field": "metadata.finalizers",
-            }])
+            raise invalid(
+                resource.kind,
+                resource.group,
+                name,
+                [
+                    {
+                        "type": "FieldValueForbidden",
+                        "message": "Forbidden: no new finalizers can be added if the object is "
+                        "being deleted",
+                        "field": "metadata.finalizers",
+                    }
+                ],
+            )
         admission = self._admission.get(resource)
         if admission is not None:
             admission.on_update(current, new)
@@ -455,14 +490,16 @@ class Store:
             uid = preconditions.get("uid")
             if uid and uid != meta.get("uid"):
                 raise ApiError(
-                    409, "Conflict",
+                    409,
+                    "Conflict",
                     f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
                     f"{meta.get('uid')}",
                 )
             rv = preconditions.get("resourceVersion")
             if rv and str(rv) != meta.get("resourceVersion"):
                 raise ApiError(
-                    409, "Conflict",
+                    409,
+                    "Conflict",
                     f"Precondition failed: ResourceVersion in precondition: {rv}, "
                     f"ResourceVersion in object meta: {meta.get('resourceVersion')}",
                 )
@@ -494,7 +531,11 @@ class Store:
         resource_version: str | None = None,
     ) -> Watcher:
         watcher = Watcher(
-            self, resource, namespace, labels or LabelSelector(), fields or FieldSelector(),
+            self,
+            resource,
+            namespace,
+            labels or LabelSelector(),
+            fields or FieldSelector(),
             self._watch_queue_max,
         )
         if not resource_version or resource_version == "0":
@@ -534,14 +575,19 @@ class Store:
 
     def bookmark(self, resource: ResourceType) -> bytes:
         """A BOOKMARK line at the current resourceVersion."""
-        return json.dumps({
-            "type": "BOOKMARK",
-            "object": {
-                "apiVersion": resource.api_version,
-                "kind": resource.kind,
-                "metadata": {"resourceVersion": str(self._rv)},
-            },
-        }).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "apiVersion": resource.api_version,
+                        "kind": resource.kind,
+                        "metadata": {"resourceVersion": str(self._rv)},
+                    },
+                }
+            ).encode()
+            + b"\n"
+        )
 
     # -- internals --------------------------------------------------------------------------
 
@@ -565,7 +611,9 @@ class Store:
                 f"version ({resource.api_version})"
             )
 
-    def _check_namespace(self, resource: ResourceType, namespace: str | None, meta: Obj) -> str | None:
+    def _check_namespace(
+        self, resource: ResourceType, namespace: str | None, meta: Obj
+    ) -> str | None:
         if not resource.namespaced:
             meta.pop("namespace", None)
             return None
@@ -586,13 +634,20 @@ class Store:
 
     def _check_name(self, resource: ResourceType, name: str) -> None:
         if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
-            raise invalid(resource.kind, resource.group, name, [{
-                "type": "FieldValueInvalid",
-                "message": f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must '
-                "consist of lower case alphanumeric characters, '-' or '.', and must start "
-                "and end with an alphanumeric character",
-                "field": "metadata.name",
-            }])
+            raise invalid(
+                resource.kind,
+                resource.group,
+                name,
+                [
+                    {
+                        "type": "FieldValueInvalid",
+                        "message": f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must '
+                        "consist of lower case alphanumeric characters, '-' or '.', and must start "
+                        "and end with an alphanumeric character",
+                        "field": "metadata.name",
+                    }
+                ],
+            )
 
     def _generate_name(self, resource: ResourceType, namespace: str | None, prefix: str) -> str:
         for _ in range(8):
@@ -606,7 +661,9 @@ class Store:
         self._rv += 1
         return self._rv
 
-    def _commit(self, resource: ResourceType, event_type: str, obj: Obj, previous: Obj | None) -> None:
+    def _commit(
+        self, resource: ResourceType, event_type: str, obj: Obj, previous: Obj | None
+    ) -> None:
         meta = obj["metadata"]
         key = (meta.get("namespace") or "", meta["name"])
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
@@ -626,7 +683,9 @@ class Store:
         final = clone(obj)
         rv = self._next_rv()
         final["metadata"]["resourceVersion"] = str(rv)
-        self._emit(WatchEvent("DELETED", rv, self.scheduler.now(), resource, final, previous or obj))
+        self._emit(
+            WatchEvent("DELETED", rv, self.scheduler.now(), resource, final, previous or obj)
+        )
 
     def _emit(self, event: WatchEvent) -> None:
         self._history.append(event)
@@ -652,7 +711,9 @@ class Store:
         finally:
             self._dispatching = False
 
-    def set_history_limit(self, *, seconds: float | None = None, max_events: int | None = None) -> None:
+    def set_history_limit(
+        self, *, seconds: float | None = None, max_events: int | None = None
+    ) -> None:
         """Shrink or grow the kept history (tests force the 410 path with a tiny one)."""
         if seconds is not None:
             self._history_seconds = seconds
@@ -664,5 +725,7 @@ class Store:
 
 def _without_rv(obj: Obj) -> Obj:
     stripped = dict(obj)
-    stripped["metadata"] = {k: v for k, v in obj.get("metadata", {}).items() if k != "resourceVersion"}
+    stripped["metadata"] = {
+        k: v for k, v in obj.get("metadata", {}).items() if k != "resourceVersion"
+    }
     return stripped

@@ -115,7 +115,7 @@ def _dig(node: Any, dotted: str) -> Any:
 # -- cells --------------------------------------------------------------------------------------
 
 
-def human_duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:  # noqa: PLR0911 - mirrors the Go, branch by branch
     """``k8s.io/apimachinery/pkg/util/duration.HumanDuration``: 45s, 3m20s, 2h5m, 3d4h."""
     whole = int(seconds)
     if whole < -1:
@@ -166,7 +166,7 @@ def _name(obj: Obj, _now: float) -> Any:
     return obj.get("metadata", {}).get("name", "")
 
 
-def _age(obj: Obj, now: float) -> Any:
+def _age(obj: Obj, now: float) -> str:
     return _age_since(obj.get("metadata", {}).get("creationTimestamp"), now) or "<unknown>"
 
 
@@ -293,8 +293,9 @@ _COLUMNS: dict[tuple[str, str], tuple[Column, ...]] = {
         Column("External-IP", _external_ips),
         Column("Port(s)", _service_ports),
         AGE,
-        Column("Selector", lambda o, _n: _selector_map(o.get("spec", {}).get("selector")),
-               priority=1),
+        Column(
+            "Selector", lambda o, _n: _selector_map(o.get("spec", {}).get("selector")), priority=1
+        ),
     ),
     ("", "events"): (
         Column("Last Seen", _event_last_seen),
@@ -306,8 +307,10 @@ _COLUMNS: dict[tuple[str, str], tuple[Column, ...]] = {
     ),
     ("networking.k8s.io", "networkpolicies"): (
         NAME,
-        Column("Pod-Selector",
-               lambda o, _n: format_label_selector(o.get("spec", {}).get("podSelector"))),
+        Column(
+            "Pod-Selector",
+            lambda o, _n: format_label_selector(o.get("spec", {}).get("podSelector")),
+        ),
         AGE,
     ),
     ("", "nodes"): (
@@ -333,9 +336,7 @@ def parse_include_object(value: str | None) -> str:
     if not value:
         return "Metadata"
     if value not in INCLUDE_OBJECT:
-        raise bad_request(
-            f'Invalid value: "{value}": must be one of "Metadata", "None", "Object"'
-        )
+        raise bad_request(f'Invalid value: "{value}": must be one of "Metadata", "None", "Object"')
     return value
 
 

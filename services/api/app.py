@@ -70,9 +70,12 @@ def create_app(runtime: Runtime) -> Flask:
         return jsonify({"error": error}), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException) -> tuple[Response, int]:
+    def http_error(exc: HTTPException) -> tuple[Response, int, list[tuple[str, str]]]:
         code = (exc.name or "error").lower().replace(" ", "_")
-        return jsonify({"error": {"code": code, "message": exc.description}}), exc.code or 500
+        # Keep the exception's own headers (a 405 must say Allow), but not its HTML type.
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        body = {"error": {"code": code, "message": exc.description}}
+        return jsonify(body), exc.code or 500, headers
 
     @app.errorhandler(redis.RedisError)
     def redis_error(exc: redis.RedisError) -> tuple[Response, int, dict[str, str]]:
@@ -137,7 +140,10 @@ def create_app(runtime: Runtime) -> Flask:
             moved.append(True)
             return current.transition(SessionState.TERMINATING, at=now, reason=reason)
 
-        session = runtime.sessions.update(session.id, change)
+        try:
+            session = runtime.sessions.update(session.id, change)
+        except SessionNotFound as exc:  # a finished session's document expired meanwhile
+            raise _session_not_found() from exc
         if moved:
             enqueue(TEARDOWN, session.id, TEARDOWN_QUEUE)
             log.info("session.closing", reason=reason)

@@ -15,14 +15,14 @@ from services.provisioner.environments import EnvironmentStuck, Provisioner
 from shared.adapters.kube import KubeError
 from shared.domain.sessions import SessionState
 from shared.jobs import PROVISION, TEARDOWN, TEARDOWN_QUEUE
-from shared.runtime import Runtime, runtime_of
+from shared.worker_runtime import WorkerRuntime, worker_runtime_of
 
 log = structlog.get_logger(__name__)
 
 MAX_RETRIES = 8
 
 
-def _provisioner(runtime: Runtime) -> Provisioner:
+def _provisioner(runtime: WorkerRuntime) -> Provisioner:
     return Provisioner(
         sessions=runtime.sessions,
         templates=runtime.templates,
@@ -32,7 +32,7 @@ def _provisioner(runtime: Runtime) -> Provisioner:
     )
 
 
-def _bind(task: Task, session_id: str, runtime: Runtime) -> None:
+def _bind(task: Task, session_id: str, runtime: WorkerRuntime) -> None:
     session = runtime.sessions.get(session_id)
     structlog.contextvars.bind_contextvars(
         session_id=session_id,
@@ -48,7 +48,7 @@ def _retry_delay(retries: int) -> float:
 
 @shared_task(bind=True, name=PROVISION, acks_late=True, max_retries=MAX_RETRIES)
 def provision(self: Task, session_id: str) -> dict[str, Any]:
-    runtime = runtime_of(self.app)
+    runtime = worker_runtime_of(self.app)
     _bind(self, session_id, runtime)
     try:
         outcome = _provisioner(runtime).provision(session_id)
@@ -65,7 +65,7 @@ def provision(self: Task, session_id: str) -> dict[str, Any]:
 
 @shared_task(bind=True, name=TEARDOWN, acks_late=True, max_retries=MAX_RETRIES * 2)
 def teardown(self: Task, session_id: str) -> dict[str, Any]:
-    runtime = runtime_of(self.app)
+    runtime = worker_runtime_of(self.app)
     _bind(self, session_id, runtime)
     try:
         outcome = _provisioner(runtime).teardown(session_id)

@@ -272,8 +272,8 @@ class KubeCluster:
         self._retry(
             lambda: self._custom.delete_collection_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, VMI_PLURAL, label_selector=selector,
-                _request_timeout=self._timeout,
-            ),
+                _request_timeout=self._timeout, _preload_content=False,
+            ).release_conn(),
             what="delete vmis",
         )
 
@@ -312,9 +312,12 @@ class KubeCluster:
             name = service.metadata.name
             try:
                 self._retry(
+                    # The answer is the Service or a Status depending on the server's version;
+                    # labvirt needs neither, so it is not decoded.
                     lambda n=name: self._core.delete_namespaced_service(  # type: ignore[misc]
-                        n, self.namespace, _request_timeout=self._timeout
-                    ),
+                        n, self.namespace, _request_timeout=self._timeout,
+                        _preload_content=False,
+                    ).release_conn(),
                     what=f"delete service {name}",
                 )
             except NotFound:

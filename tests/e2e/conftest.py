@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import redis
 
 from tests.e2e.harness import System, start_system
 
@@ -17,4 +16,3 @@ def system(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield running
     finally:
         running.stop()
-        redis.Redis.from_url(redis_url).flushdb()

@@ -1,0 +1,431 @@
+"""RedisSessionStore on fakeredis: documents, indexes, the take_due gate and optimistic updates."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import fakeredis
+import pytest
+
+from shared.adapters.session_store import (
+    FINISHED_RETENTION_SECONDS,
+    RedisSessionStore,
+    SessionNotFound,
+)
+from shared.domain.sessions import (
+    IllegalTransition,
+    Session,
+    SessionState,
+    VmView,
+    open_session,
+)
+
+NOW = 1_700_000_000.0
+LIFETIME = 7200
+IDLE = 300
+P, R, T, E, F = (
+    SessionState.PROVISIONING,
+    SessionState.READY,
+    SessionState.TERMINATING,
+    SessionState.ENDED,
+    SessionState.FAILED,
+)
+# The shortest legal path from provisioning to each state.
+PATH_TO = {P: (), R: (R,), T: (T,), E: (T, E), F: (F,)}
+
+
+def new_session(
+    *,
+    user: str = "alice",
+    now: float = NOW,
+    lifetime: int = LIFETIME,
+    idle: int = IDLE,
+    state: SessionState = P,
+) -> Session:
+    session, _ = open_session(
+        user=user,
+        template="ubuntu",
+        region="local",
+        max_lifetime_seconds=lifetime,
+        idle_timeout_seconds=idle,
+        now=now,
+    )
+    for step in PATH_TO[state]:
+        session = session.transition(step, at=now)
+    return session
+
+
+def deadline(client: fakeredis.FakeRedis, kind: str, session_id: str) -> float | None:
+    return client.zscore(f"labvirt:deadline:{kind}", session_id)
+
+
+def user_index(client: fakeredis.FakeRedis, user: str) -> set[str]:
+    return {m.decode() for m in client.smembers(f"labvirt:user:{user}")}
+
+
+@pytest.fixture
+def client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def store(client: fakeredis.FakeRedis) -> RedisSessionStore:
+    return RedisSessionStore(client)
+
+
+# -- documents -------------------------------------------------------------------------------
+
+
+def test_add_then_get_and_require(store: RedisSessionStore) -> None:
+    session = new_session()
+
+    store.add(session)
+
+    assert store.get(session.id) == session
+    assert store.require(session.id) == session
+
+
+def test_get_of_an_absent_session_is_none_and_require_raises(store: RedisSessionStore) -> None:
+    assert store.get("s-" + "0" * 24) is None
+    with pytest.raises(SessionNotFound):
+        store.require("s-" + "0" * 24)
+
+
+def test_sessions_are_visible_to_another_client_of_the_same_server() -> None:
+    server = fakeredis.FakeServer()
+    session = new_session()
+
+    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+
+    assert RedisSessionStore(fakeredis.FakeRedis(server=server)).get(session.id) == session
+
+
+def test_duplicate_add_fails_and_leaves_the_first_untouched(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    first = new_session()
+    store.add(first)
+    impostor = replace(first, user="mallory", expires_at=NOW + 1, last_seen_at=NOW - IDLE)
+
+    with pytest.raises(ValueError, match="already exists"):
+        store.add(impostor)
+
+    assert store.get(first.id) == first
+    assert deadline(client, "lifetime", first.id) == first.expires_at
+    assert deadline(client, "idle", first.id) == first.idle_expires_at
+    assert user_index(client, "mallory") == set()
+    assert user_index(client, "alice") == {first.id}
+
+
+# -- update ----------------------------------------------------------------------------------
+
+
+def test_update_applies_and_persists(store: RedisSessionStore, client: fakeredis.FakeRedis) -> None:
+    session = new_session()
+    store.add(session)
+    vm = VmView(name="ubuntu", hostname="ubuntu", ip="10.0.0.9", phase="Running", ready=True)
+
+    updated = store.update(session.id, lambda s: s.transition(R, at=NOW + 30).with_vms([vm]))
+
+    assert updated.state is R
+    assert updated.vms == (vm,)
+    assert store.get(session.id) == updated
+    assert RedisSessionStore(client).get(session.id) == updated
+
+
+def test_update_of_an_absent_session_raises(store: RedisSessionStore) -> None:
+    with pytest.raises(SessionNotFound):
+        store.update("s-" + "0" * 24, lambda s: s)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("boom"),
+        IllegalTransition(E, R),
+    ],
+)
+def test_an_exception_in_change_aborts_without_writing(
+    store: RedisSessionStore, client: fakeredis.FakeRedis, failure: Exception
+) -> None:
+    session = new_session()
+    store.add(session)
+    raw_before = client.get(f"labvirt:session:{session.id}")
+
+    def change(current: Session) -> Session:
+        current.transition(R, at=NOW)  # work that would have been written...
+        raise failure
+
+    with pytest.raises(type(failure)):
+        store.update(session.id, change)
+
+    assert client.get(f"labvirt:session:{session.id}") == raw_before
+    assert deadline(client, "idle", session.id) == session.idle_expires_at
+    # The connection is usable afterwards: no half-open MULTI left behind.
+    assert store.update(session.id, lambda s: s.transition(R, at=NOW)).state is R
+
+
+def test_a_change_that_returns_the_same_object_writes_nothing(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    ended = new_session()
+    store.add(ended)
+    store.update(ended.id, lambda s: s.transition(T, at=NOW).transition(E, at=NOW))
+    client.persist(f"labvirt:session:{ended.id}")  # would be set again by any write
+
+    assert store.update(ended.id, lambda s: s).state is E
+    assert client.ttl(f"labvirt:session:{ended.id}") == -1
+
+
+def test_illegal_transitions_surface_from_update(store: RedisSessionStore) -> None:
+    session = new_session()
+    store.add(session)
+
+    with pytest.raises(IllegalTransition):
+        store.update(session.id, lambda s: s.transition(E, at=NOW))
+    assert store.require(session.id).state is P
+
+
+# -- indexes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [P, R])
+def test_live_sessions_have_both_deadlines(
+    store: RedisSessionStore, client: fakeredis.FakeRedis, state: SessionState
+) -> None:
+    session = new_session(state=state)
+
+    store.add(session)
+
+    assert deadline(client, "lifetime", session.id) == NOW + LIFETIME
+    assert deadline(client, "idle", session.id) == NOW + IDLE
+    assert store.count_deadlines("lifetime") == store.count_deadlines("idle") == 1
+
+
+@pytest.mark.parametrize("state", [T, E, F])
+def test_terminating_and_final_sessions_lose_their_deadlines(
+    store: RedisSessionStore, client: fakeredis.FakeRedis, state: SessionState
+) -> None:
+    session = new_session()
+    store.add(session)
+
+    for step in PATH_TO[state]:
+        store.update(session.id, lambda s, step=step: s.transition(step, at=NOW))
+
+    assert store.require(session.id).state is state
+    assert deadline(client, "lifetime", session.id) is None
+    assert deadline(client, "idle", session.id) is None
+    assert store.due("lifetime", NOW + 10 * LIFETIME, 10) == []
+
+
+@pytest.mark.parametrize("state", [T, E, F])
+def test_adding_an_unclocked_session_indexes_no_deadline(
+    store: RedisSessionStore, state: SessionState
+) -> None:
+    store.add(new_session(state=state))
+
+    assert store.count_deadlines("lifetime") == store.count_deadlines("idle") == 0
+
+
+def test_a_heartbeat_moves_the_idle_deadline_only(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session(state=R)
+    store.add(session)
+
+    store.update(session.id, lambda s: s.seen(NOW + 100))
+
+    assert deadline(client, "idle", session.id) == NOW + 100 + IDLE
+    assert deadline(client, "lifetime", session.id) == NOW + LIFETIME
+
+
+def test_user_index_follows_the_session_life(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    first, second = new_session(), new_session()
+    other = new_session(user="bob")
+    for session in (first, second, other):
+        store.add(session)
+
+    assert store.user_sessions("alice") == sorted([first, second], key=lambda s: s.id)
+    assert store.user_sessions("bob") == [other]
+    assert store.user_sessions("carol") == []
+
+    store.update(first.id, lambda s: s.transition(T, at=NOW))
+    assert {s.id for s in store.user_sessions("alice")} == {first.id, second.id}
+
+    store.update(first.id, lambda s: s.transition(E, at=NOW))
+    assert store.user_sessions("alice") == [second]
+    assert user_index(client, "alice") == {second.id}
+
+
+def test_final_sessions_are_kept_for_a_while_then_expire(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session()
+    store.add(session)
+    assert client.ttl(f"labvirt:session:{session.id}") == -1  # live: no expiry
+
+    store.update(session.id, lambda s: s.transition(F, at=NOW, reason="boot failed"))
+
+    ttl = client.ttl(f"labvirt:session:{session.id}")
+    assert 0 < ttl <= FINISHED_RETENTION_SECONDS
+    assert store.require(session.id).reason == "boot failed"
+
+
+def test_user_sessions_skips_ids_whose_document_is_gone(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session()
+    store.add(session)
+    client.delete(f"labvirt:session:{session.id}")
+
+    assert store.user_sessions("alice") == []
+
+
+# -- due and take_due ------------------------------------------------------------------------
+
+
+def test_due_lists_expired_sessions_oldest_first_up_to_the_limit(
+    store: RedisSessionStore,
+) -> None:
+    lifetimes = [500, 100, 300, 200, 400, 10_000]
+    sessions = {life: new_session(lifetime=life, idle=100_000) for life in lifetimes}
+    for session in sessions.values():
+        store.add(session)
+    by_age = [sessions[life].id for life in sorted(lifetimes)]
+
+    assert store.due("lifetime", NOW + 400, 10) == by_age[:4]  # the deadline itself is due
+    assert store.due("lifetime", NOW + 400, 2) == by_age[:2]
+    assert store.due("lifetime", NOW + 99, 10) == []
+    assert store.due("lifetime", NOW + 10_000, 100) == by_age
+    assert store.due("idle", NOW + 10_000, 100) == []
+
+
+def test_take_due_is_true_exactly_once(store: RedisSessionStore) -> None:
+    session = new_session()
+    store.add(session)
+
+    assert store.take_due("idle", session.id) is True
+    assert store.take_due("idle", session.id) is False
+    assert store.take_due("idle", "s-" + "0" * 24) is False
+    assert store.due("idle", NOW + IDLE, 10) == []
+    # Each kind has its own gate.
+    assert store.take_due("lifetime", session.id) is True
+    assert store.take_due("lifetime", session.id) is False
+
+
+def test_take_due_across_clients_has_one_winner() -> None:
+    server = fakeredis.FakeServer()
+    session = new_session()
+    stores = [RedisSessionStore(fakeredis.FakeRedis(server=server)) for _ in range(3)]
+    stores[0].add(session)
+
+    assert [s.take_due("lifetime", session.id) for s in stores] == [True, False, False]
+
+
+def test_the_next_write_of_a_live_session_indexes_it_again(store: RedisSessionStore) -> None:
+    session = new_session()
+    store.add(session)
+    store.take_due("idle", session.id)
+
+    store.update(session.id, replace)  # a fresh copy: written back, so re-indexed
+
+    assert store.due("idle", NOW + IDLE, 10) == [session.id]
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+def test_concurrent_read_modify_write_never_loses_an_update() -> None:
+    """Two threads append to the same session through two clients; every append survives.
+
+    A barrier inside the first change of each thread makes both read the same version before
+    either writes, so at least one WATCH conflict (and retry) is certain, not left to luck.
+    """
+    server = fakeredis.FakeServer()
+    session = new_session()
+    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+    rounds = 25
+    barrier = threading.Barrier(2, timeout=10)
+    calls = {"a": 0, "b": 0}
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+
+        def append(i: int) -> None:
+            def change(current: Session) -> Session:
+                calls[name] += 1
+                if calls[name] == 1:
+                    barrier.wait()
+                vm = VmView(name=f"{name}{i}", hostname=f"{name}{i}")
+                return current.with_vms([*current.vms, vm])
+
+            store.update(session.id, change)
+
+        try:
+            for i in range(rounds):
+                append(i)
+        except BaseException as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    names = [
+        vm.name
+        for vm in RedisSessionStore(fakeredis.FakeRedis(server=server)).require(session.id).vms
+    ]
+    assert sorted(names) == sorted(f"{n}{i}" for n in "ab" for i in range(rounds))
+    # Each thread's own appends land in its order.
+    for name in calls:
+        assert [n for n in names if n.startswith(name)] == [f"{name}{i}" for i in range(rounds)]
+    assert sum(calls.values()) > 2 * rounds  # at least one conflict was retried
+
+
+def test_concurrent_transitions_have_one_winner() -> None:
+    """Reaper and API race to end a session: exactly one moves it, the other sees it moved."""
+    server = fakeredis.FakeServer()
+    session = new_session(state=R)
+    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+    barrier = threading.Barrier(2, timeout=10)
+    moved: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(reason: str) -> None:
+        store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+        first = [True]
+
+        def change(current: Session) -> Session:
+            if first:
+                first.clear()
+                barrier.wait()
+            if current.state is not R:
+                return current
+            return current.transition(T, at=NOW, reason=reason)
+
+        try:
+            if store.update(session.id, change).reason == reason:
+                moved.append(reason)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in ("deleted", "idle timeout")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert errors == []
+    assert len(moved) == 1
+    final = RedisSessionStore(fakeredis.FakeRedis(server=server)).require(session.id)
+    assert final.state is T
+    assert final.reason == moved[0]
+    assert [t.state for t in final.history] == [P, R, T]
