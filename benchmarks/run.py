@@ -11,8 +11,7 @@ from benchmarks import sim_bench
 
 
 def main() -> int:
-    print("== simulator: creates/s and watch fan-out (python -m benchmarks.sim_bench)",  # noqa: T201
-          flush=True)
+    print("== simulator: creates/s and watch fan-out (python -m benchmarks.sim_bench)", flush=True)
     return sim_bench.main(sys.argv[1:])
 
 

@@ -39,8 +39,10 @@ def vmi(name: str, *, labels: dict[str, str] | None = None) -> dict[str, Any]:
             "networks": [{"name": "default", "pod": {}}],
             "terminationGracePeriodSeconds": 0,
             "volumes": [
-                {"name": "containerdisk",
-                 "containerDisk": {"image": "quay.io/containerdisks/ubuntu:22.04"}},
+                {
+                    "name": "containerdisk",
+                    "containerDisk": {"image": "quay.io/containerdisks/ubuntu:22.04"},
+                },
             ],
         },
     }
@@ -50,14 +52,25 @@ class Simulator:
     def __init__(self, extra: list[str]) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="labvirt-bench-")
         self.kubeconfig = Path(self._tmp.name) / "kubeconfig"
-        self._argv = [sys.executable, "-m", "labvirt.sim.app", "--port", "0", "--kubeconfig",
-                      str(self.kubeconfig), "--seed", "1", *extra]
+        self._argv = [
+            sys.executable,
+            "-m",
+            "labvirt.sim.app",
+            "--port",
+            "0",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--seed",
+            "1",
+            *extra,
+        ]
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
     def __enter__(self) -> Simulator:
-        self.process = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL,  # noqa: S603
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 20
         while not self.kubeconfig.exists():
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -94,12 +107,17 @@ async def creates_per_second(url: str, *, count: int, concurrency: int) -> dict[
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return {"creates": count, "seconds": elapsed, "per_second": count / elapsed,
-            "failures": failures}
+    return {
+        "creates": count,
+        "seconds": elapsed,
+        "per_second": count / elapsed,
+        "failures": failures,
+    }
 
 
-async def watch_fanout(url: str, *, watchers: int, events: int,
-                       interval: float) -> dict[str, float]:
+async def watch_fanout(
+    url: str, *, watchers: int, events: int, interval: float
+) -> dict[str, float]:
     """Latency from just before a create is sent to each watcher's receipt of its ADDED."""
     sent: dict[str, float] = {}
     latencies: list[float] = []
@@ -113,8 +131,12 @@ async def watch_fanout(url: str, *, watchers: int, events: int,
 
         async def watcher() -> None:
             nonlocal ready
-            params = {"watch": "true", "labelSelector": "fanout=yes", "resourceVersion": rv,
-                      "timeoutSeconds": "600"}
+            params = {
+                "watch": "true",
+                "labelSelector": "fanout=yes",
+                "resourceVersion": rv,
+                "timeoutSeconds": "600",
+            }
             seen = 0
             async with http.get(VMI_PATH, params=params) as response:
                 ready += 1
@@ -152,17 +174,20 @@ async def watch_fanout(url: str, *, watchers: int, events: int,
     }
 
 
-def run(*, creates: int, concurrency: int, watchers: int, events: int,
-        repeats: int) -> dict[str, Any]:
+def run(
+    *, creates: int, concurrency: int, watchers: int, events: int, repeats: int
+) -> dict[str, Any]:
     create_runs = []
     fanout_runs = []
     for _ in range(repeats):
         with Simulator(["--nodes", "200", "--boot-seconds", "5"]) as sim:
-            create_runs.append(asyncio.run(
-                creates_per_second(sim.url, count=creates, concurrency=concurrency)))
+            create_runs.append(
+                asyncio.run(creates_per_second(sim.url, count=creates, concurrency=concurrency))
+            )
         with Simulator(["--nodes", "50", "--boot-seconds", "5"]) as sim:
-            fanout_runs.append(asyncio.run(
-                watch_fanout(sim.url, watchers=watchers, events=events, interval=0.02)))
+            fanout_runs.append(
+                asyncio.run(watch_fanout(sim.url, watchers=watchers, events=events, interval=0.02))
+            )
     return {
         "creates_per_second_median": statistics.median(r["per_second"] for r in create_runs),
         "creates_runs": create_runs,
@@ -180,9 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    result = run(creates=args.creates, concurrency=args.concurrency, watchers=args.watchers,
-                 events=args.events, repeats=args.repeats)
-    print(json.dumps(result, indent=2))  # noqa: T201 - the benchmark's report
+    result = run(
+        creates=args.creates,
+        concurrency=args.concurrency,
+        watchers=args.watchers,
+        events=args.events,
+        repeats=args.repeats,
+    )
+    print(json.dumps(result, indent=2))
     return 0
 
 

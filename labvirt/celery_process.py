@@ -27,24 +27,28 @@ def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
     attach_runtime(app, build_worker_runtime(settings, celery=app))
     task_prerun.connect(_bind_task, weak=False)
     task_postrun.connect(_clear_task, weak=False)
-    app.worker_main([
-        "worker",
-        f"--loglevel={settings.log_level}",
-        # Provisioning waits on VM boots: threads, not processes, so one worker holds many.
-        "--pool=threads",
-        f"--concurrency={settings.worker_concurrency}",
-        f"--queues={queues or ','.join(QUEUES)}",
-        f"--hostname={name}",
-        "--without-gossip",
-        "--without-mingle",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            f"--loglevel={settings.log_level}",
+            # Provisioning waits on VM boots: threads, not processes, so one worker holds many.
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={queues or ','.join(QUEUES)}",
+            f"--hostname={name}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 def start_beat(settings: Settings) -> None:
     app = make_celery(settings)
-    app.start([
-        "beat",
-        f"--loglevel={settings.log_level}",
-        # Schedules are code, not state: nothing to persist between restarts.
-        "--scheduler=celery.beat:Scheduler",
-    ])
+    app.start(
+        [
+            "beat",
+            f"--loglevel={settings.log_level}",
+            # Schedules are code, not state: nothing to persist between restarts.
+            "--scheduler=celery.beat:Scheduler",
+        ]
+    )

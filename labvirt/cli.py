@@ -66,21 +66,27 @@ def run_dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="labvirt", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="labvirt", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("api", help="serve the HTTP API").set_defaults(run=run_api)
     worker = commands.add_parser("worker", help="run a Celery worker")
-    worker.add_argument("--queues", default=None,
-                        help="comma-separated queues (default: all of labvirt's)")
+    worker.add_argument(
+        "--queues", default=None, help="comma-separated queues (default: all of labvirt's)"
+    )
     worker.set_defaults(run=run_worker)
     commands.add_parser("beat", help="run the Celery beat scheduler").set_defaults(run=run_beat)
     sim = commands.add_parser("sim", help="run the KubeVirt simulator", add_help=False)
     sim.add_argument("sim_args", nargs=argparse.REMAINDER)
     sim.set_defaults(run=run_sim)
     dev = commands.add_parser("dev", help="run the whole system locally")
-    dev.add_argument("--sim-boot-seconds", type=float, default=8.0,
-                     help="median VM boot time of the simulator (default 8)")
+    dev.add_argument(
+        "--sim-boot-seconds",
+        type=float,
+        default=8.0,
+        help="median VM boot time of the simulator (default 8)",
+    )
     dev.add_argument("--run-dir", default=".run", help="where dev keeps its files (default .run)")
     dev.set_defaults(run=run_dev)
     return parser

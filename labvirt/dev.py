@@ -51,8 +51,12 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            argv,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
         self.children.append((name, process))
         threading.Thread(target=self._pump, args=(name, process), daemon=True).start()
@@ -113,6 +117,74 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _redis(env: dict[str, str], run_dir: Path, sup: Supervisor) -> EmbeddedRedis | None:
+    redis_url = env.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if answers(redis_url):
+        sup.say("dev", f"using Redis at {redis_url}")
+        env["REDIS_URL"] = redis_url
+        return None
+    embedded = EmbeddedRedis(workdir=run_dir / "redis").start()
+    env["REDIS_URL"] = embedded.url
+    sup.say("dev", f"no Redis answered; started an embedded one at {embedded.url}")
+    return embedded
+
+
+def _cluster(env: dict[str, str], run_dir: Path, sup: Supervisor, boot_seconds: float) -> None:
+    if env.get("LABVIRT_KUBECONFIG") or env.get("LABVIRT_CLUSTERS"):
+        sup.say("dev", "using the cluster from LABVIRT_KUBECONFIG / LABVIRT_CLUSTERS")
+        return
+    kubeconfig = run_dir / "sim.kubeconfig"
+    kubeconfig.unlink(missing_ok=True)
+    sup.start(
+        "sim",
+        [
+            sys.executable,
+            "-m",
+            "labvirt.sim.app",
+            "--port",
+            "0",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--boot-seconds",
+            str(boot_seconds),
+        ],
+        env,
+    )
+    _wait_for(kubeconfig.exists, timeout=30, what="the simulator", sup=sup)
+    env["LABVIRT_KUBECONFIG"] = str(kubeconfig)
+    sup.say("dev", f"simulated KubeVirt cluster: kubectl --kubeconfig {kubeconfig} get vmi")
+
+
+def _api_address(env: dict[str, str], sup: Supervisor) -> str:
+    host = env.setdefault("LABVIRT_API_HOST", "127.0.0.1")
+    port = int(env.get("LABVIRT_API_PORT") or 8080)
+    if not _port_free(host, port):
+        new_port = free_port(host)
+        sup.say("dev", f"port {port} is taken; the API uses {new_port} instead")
+        port = new_port
+    env["LABVIRT_API_PORT"] = str(port)
+    return f"http://{host}:{port}"
+
+
+def _banner(base: str, frontend: str, admin: str) -> list[str]:
+    body = '{"template": "ubuntu", "user": "alice"}'
+    return [
+        "",
+        f"labvirt is up: {base}",
+        f"frontend token: {frontend}",
+        f"admin token:    {admin}",
+        "",
+        "create an Ubuntu environment:",
+        f"  curl -s -X POST {base}/v1/sessions -H 'Authorization: Bearer {frontend}' "
+        f"-H 'Content-Type: application/json' -d '{body}'",
+        "then follow it (use the id from the answer):",
+        f"  curl -s {base}/v1/sessions/ID -H 'Authorization: Bearer {frontend}'",
+        "",
+        "Ctrl-C stops everything.",
+        "",
+    ]
+
+
 def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -124,68 +196,25 @@ def main(args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     stopping = threading.Event()
 
-    def on_signal(signum: int, _: FrameType | None) -> None:
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
         stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    python = sys.executable
     try:
-        redis_url = env.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
-        if answers(redis_url):
-            sup.say("dev", f"using Redis at {redis_url}")
-        else:
-            embedded = EmbeddedRedis(workdir=run_dir / "redis").start()
-            redis_url = embedded.url
-            sup.say("dev", f"no Redis answered; started an embedded one at {redis_url}")
-        env["REDIS_URL"] = redis_url
-
-        if not env.get("LABVIRT_KUBECONFIG") and not env.get("LABVIRT_CLUSTERS"):
-            kubeconfig = run_dir / "sim.kubeconfig"
-            kubeconfig.unlink(missing_ok=True)
-            sup.start("sim", [
-                python, "-m", "labvirt.sim.app", "--port", "0", "--kubeconfig", str(kubeconfig),
-                "--boot-seconds", str(args.sim_boot_seconds),
-            ], env)
-            _wait_for(kubeconfig.exists, timeout=30, what="the simulator", sup=sup)
-            env["LABVIRT_KUBECONFIG"] = str(kubeconfig)
-            sup.say("dev", f"simulated KubeVirt cluster: kubectl --kubeconfig {kubeconfig} get vmi")
-        else:
-            sup.say("dev", "using the cluster from LABVIRT_KUBECONFIG / LABVIRT_CLUSTERS")
-
-        frontend = env.get("LABVIRT_FRONTEND_TOKENS") or f"dev-frontend-{secrets.token_hex(12)}"
-        admin = env.get("LABVIRT_ADMIN_TOKENS") or f"dev-admin-{secrets.token_hex(12)}"
-        env["LABVIRT_FRONTEND_TOKENS"] = frontend
-        env["LABVIRT_ADMIN_TOKENS"] = admin
-        host = env.setdefault("LABVIRT_API_HOST", "127.0.0.1")
-        port = int(env.get("LABVIRT_API_PORT") or 8080)
-        if not _port_free(host, port):
-            new_port = free_port(host)
-            sup.say("dev", f"port {port} is taken; the API uses {new_port} instead")
-            port = new_port
-        env["LABVIRT_API_PORT"] = str(port)
-
+        embedded = _redis(env, run_dir, sup)
+        _cluster(env, run_dir, sup, args.sim_boot_seconds)
+        env.setdefault("LABVIRT_FRONTEND_TOKENS", f"dev-frontend-{secrets.token_hex(12)}")
+        env.setdefault("LABVIRT_ADMIN_TOKENS", f"dev-admin-{secrets.token_hex(12)}")
+        base = _api_address(env, sup)
         for name in ("api", "worker", "beat"):
-            sup.start(name, [python, "-m", "labvirt.cli", name], env)
-        base = f"http://{host}:{port}"
+            sup.start(name, [sys.executable, "-m", "labvirt.cli", name], env)
         _wait_for(lambda: _healthy(f"{base}/healthz"), timeout=60, what="the API", sup=sup)
-        token = frontend.split(",")[0]
-        banner = [
-            "",
-            f"labvirt is up: {base}",
-            f"frontend token: {token}",
-            f"admin token:    {admin.split(',')[0]}",
-            "",
-            "create an Ubuntu environment:",
-            f"  curl -s -X POST {base}/v1/sessions -H 'Authorization: Bearer {token}' "
-            "-H 'Content-Type: application/json' -d '{\"template\": \"ubuntu\", \"user\": \"alice\"}'",
-            "then follow it (use the id from the answer):",
-            f"  curl -s {base}/v1/sessions/ID -H 'Authorization: Bearer {token}'",
-            "",
-            "Ctrl-C stops everything.",
-            "",
-        ]
-        for line in banner:
+        for line in _banner(
+            base,
+            env["LABVIRT_FRONTEND_TOKENS"].split(",")[0],
+            env["LABVIRT_ADMIN_TOKENS"].split(",")[0],
+        ):
             sup.say("dev", line)
         while not stopping.is_set():
             failed = sup.exited()

@@ -75,7 +75,8 @@ class Settings:
             admin_tokens=env.tokens("LABVIRT_ADMIN_TOKENS"),
             templates_path=env.path("LABVIRT_TEMPLATES"),
             log_format=env.choice(
-                "LABVIRT_LOG_FORMAT", ["json", "console"],
+                "LABVIRT_LOG_FORMAT",
+                ["json", "console"],
                 "console" if mode == Mode.DEV.value else "json",
             ),
             log_level=env.choice(
@@ -84,8 +85,9 @@ class Settings:
             worker_concurrency=env.integer(
                 "LABVIRT_WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1
             ),
-            kube_pool_maxsize=env.integer("LABVIRT_KUBE_POOL_MAXSIZE", cls.kube_pool_maxsize,
-                                          minimum=1),
+            kube_pool_maxsize=env.integer(
+                "LABVIRT_KUBE_POOL_MAXSIZE", cls.kube_pool_maxsize, minimum=1
+            ),
             reaper_interval_seconds=env.number(
                 "LABVIRT_REAPER_INTERVAL_SECONDS", cls.reaper_interval_seconds, minimum=0.1
             ),
@@ -95,7 +97,8 @@ class Settings:
                 "LABVIRT_TEARDOWN_TIMEOUT_SECONDS", cls.teardown_timeout_seconds, minimum=1
             ),
             kube_request_timeout_seconds=env.number(
-                "LABVIRT_KUBE_REQUEST_TIMEOUT_SECONDS", cls.kube_request_timeout_seconds,
+                "LABVIRT_KUBE_REQUEST_TIMEOUT_SECONDS",
+                cls.kube_request_timeout_seconds,
                 minimum=1,
             ),
         )
@@ -147,14 +150,10 @@ def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluste
     for item in spec.split(","):
         region, sep, rest = item.strip().partition("=")
         if not sep or not region or not rest:
-            raise ConfigError(
-                f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]"
-            )
+            raise ConfigError(f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]")
         path, _, context = rest.partition("@")
         if not path:
-            raise ConfigError(
-                f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]"
-            )
+            raise ConfigError(f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]")
         if region in {c.region for c in clusters}:
             raise ConfigError(f"LABVIRT_CLUSTERS: region {region!r} is listed twice")
         clusters.append(Cluster(region, Path(path), context or None, namespace))
@@ -186,13 +185,15 @@ class _Env:
             raise ConfigError(f"{name}: every token must be at least 16 characters long")
         return tokens
 
-    def integer(self, name: str, default: int, *, minimum: int | None = None,
-                maximum: int | None = None) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
         value = self.optional_integer(name, minimum=minimum, maximum=maximum)
         return default if value is None else value
 
-    def optional_integer(self, name: str, *, minimum: int | None = None,
-                         maximum: int | None = None) -> int | None:
+    def optional_integer(
+        self, name: str, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         raw = self._raw(name)
         if raw is None:
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 from celery import Celery
@@ -32,7 +33,9 @@ class Runtime:
 
 def build_runtime(settings: Settings, *, celery: Celery | None = None) -> Runtime:
     client = redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, socket_timeout=10,
+        settings.redis_url,
+        socket_connect_timeout=5,
+        socket_timeout=10,
         health_check_interval=30,
     )
     return Runtime(
@@ -49,8 +52,8 @@ def runtime_of(app: Celery) -> Runtime:
     runtime = getattr(app, "labvirt_runtime", None)
     if runtime is None:
         raise RuntimeError("this Celery app was not started by labvirt (no runtime attached)")
-    return runtime  # type: ignore[no-any-return]
+    return cast(Runtime, runtime)
 
 
 def attach_runtime(app: Celery, runtime: Runtime) -> None:
-    app.labvirt_runtime = runtime  # type: ignore[attr-defined]
+    app.labvirt_runtime = runtime

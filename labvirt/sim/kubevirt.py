@@ -1153,7 +1153,7 @@ VMI_TABLE_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def human_duration(seconds: float) -> str:  # noqa: PLR0911 - mirrors the Go, branch by branch
+def human_duration(seconds: float) -> str:
     """kubectl's age format (k8s.io/apimachinery/pkg/util/duration.HumanDuration)."""
     whole = int(seconds)
     if whole < -1:

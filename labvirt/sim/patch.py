@@ -312,7 +312,7 @@ def _remove(doc: Any, path: str, op: str = "remove") -> tuple[Any, Any]:
     )
 
 
-def _apply_operation(doc: Any, operation: dict[str, Any]) -> Any:  # noqa: PLR0911 - one per op
+def _apply_operation(doc: Any, operation: dict[str, Any]) -> Any:
     op = operation["op"]
     path = operation["path"]
     if op == "add":

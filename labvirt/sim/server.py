@@ -268,7 +268,7 @@ class ApiServer:
 
     # -- entry point ------------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:  # noqa: PLR0911 - router
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         try:
             if path.startswith("/_sim/"):
@@ -321,9 +321,7 @@ class ApiServer:
             self._discovery_cache[key] = body
         return web.Response(body=body, content_type=_JSON)
 
-    def _discovery(  # noqa: PLR0911 - one answer per discovery path
-        self, request: web.Request, parts: list[str]
-    ) -> web.Response | None:
+    def _discovery(self, request: web.Request, parts: list[str]) -> web.Response | None:
         if request.method != "GET":
             return None
         resources = self.store.resources()
@@ -383,9 +381,7 @@ class ApiServer:
             raise _not_found_path()
         return Target(resource, namespace, name, watch_path)
 
-    async def _resource_request(  # noqa: PLR0911 - one answer per verb
-        self, request: web.Request, parts: list[str]
-    ) -> web.StreamResponse:
+    async def _resource_request(self, request: web.Request, parts: list[str]) -> web.StreamResponse:
         target = self._target(parts)
         query = request.query
         method = request.method

@@ -115,7 +115,7 @@ def _dig(node: Any, dotted: str) -> Any:
 # -- cells --------------------------------------------------------------------------------------
 
 
-def human_duration(seconds: float) -> str:  # noqa: PLR0911 - mirrors the Go, branch by branch
+def human_duration(seconds: float) -> str:
     """``k8s.io/apimachinery/pkg/util/duration.HumanDuration``: 45s, 3m20s, 2h5m, 3d4h."""
     whole = int(seconds)
     if whole < -1:

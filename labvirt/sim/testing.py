@@ -86,9 +86,7 @@ class SimHandle:
         from kubernetes import client, config  # noqa: PLC0415 - only tests need it
 
         conf = client.Configuration()
-        config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(self.kubeconfig_path), client_configuration=conf
-        )
+        config.load_kube_config(config_file=str(self.kubeconfig_path), client_configuration=conf)
         for key, value in configuration.items():
             setattr(conf, key, value)
         return client.ApiClient(conf)

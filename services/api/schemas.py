@@ -29,9 +29,7 @@ class TokenBody(Schema):
 
 
 def timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def session_body(session: Session, *, token: str | None = None) -> dict[str, Any]:

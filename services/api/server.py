@@ -28,15 +28,18 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 def serve(settings: Settings) -> None:
     app = create_app(build_runtime(settings))
-    _Gunicorn(app, {
-        "bind": f"{settings.api_host}:{settings.api_port}",
-        "worker_class": "gthread",
-        "workers": 1,
-        "threads": settings.api_threads,
-        "timeout": 60,
-        "graceful_timeout": 10,
-        "accesslog": None,
-        "errorlog": "-",
-        "loglevel": settings.log_level.lower(),
-        "proc_name": "labvirt-api",
-    }).run()
+    _Gunicorn(
+        app,
+        {
+            "bind": f"{settings.api_host}:{settings.api_port}",
+            "worker_class": "gthread",
+            "workers": 1,
+            "threads": settings.api_threads,
+            "timeout": 60,
+            "graceful_timeout": 10,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": settings.log_level.lower(),
+            "proc_name": "labvirt-api",
+        },
+    ).run()

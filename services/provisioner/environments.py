@@ -95,8 +95,9 @@ class EnvironmentWatch:
     again. No polling loop: the thread sleeps inside the watch until the server sends news.
     """
 
-    def __init__(self, cluster: KubeCluster, selector: str, *,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, cluster: KubeCluster, selector: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._cluster = cluster
         self._selector = selector
         self._clock = clock
@@ -107,8 +108,13 @@ class EnvironmentWatch:
         items, self._rv = self._cluster.list_vmis(self._selector)
         self.vmis = {item["metadata"]["name"]: item for item in items}
 
-    def until(self, done: Callable[[dict[str, dict[str, Any]]], bool], *, deadline: float,
-              on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> bool:
+    def until(
+        self,
+        done: Callable[[dict[str, dict[str, Any]]], bool],
+        *,
+        deadline: float,
+        on_change: Callable[[dict[str, dict[str, Any]]], None] | None = None,
+    ) -> bool:
         """Follow changes until ``done(vmis)`` holds (True) or the deadline passes (False)."""
         self.relist()
         while True:
@@ -120,22 +126,8 @@ class EnvironmentWatch:
             if remaining <= 0:
                 return False
             try:
-                for event_type, obj in self._cluster.watch_vmis(
-                    self._selector, self._rv, timeout_seconds=max(1, min(WATCH_SLICE_SECONDS,
-                                                                         int(remaining) + 1)),
-                ):
-                    name = obj["metadata"]["name"]
-                    self._rv = obj["metadata"].get("resourceVersion", self._rv)
-                    if event_type == "DELETED":
-                        self.vmis.pop(name, None)
-                    else:
-                        self.vmis[name] = obj
-                    if on_change is not None:
-                        on_change(self.vmis)
-                    if done(self.vmis):
-                        return True
-                    if self._clock() >= deadline:
-                        return False
+                if self._follow(done, deadline=deadline, on_change=on_change):
+                    return done(self.vmis)
             except Expired:
                 log.info("watch.expired", selector=self._selector)
                 self.relist()
@@ -146,15 +138,46 @@ class EnvironmentWatch:
                 self._backoff()
                 self.relist()
 
+    def _follow(
+        self,
+        done: Callable[[dict[str, dict[str, Any]]], bool],
+        *,
+        deadline: float,
+        on_change: Callable[[dict[str, dict[str, Any]]], None] | None,
+    ) -> bool:
+        """One watch stream; True when it stopped because ``done`` held or time ran out."""
+        remaining = deadline - self._clock()
+        for event_type, obj in self._cluster.watch_vmis(
+            self._selector,
+            self._rv,
+            timeout_seconds=max(1, min(WATCH_SLICE_SECONDS, int(remaining) + 1)),
+        ):
+            name = obj["metadata"]["name"]
+            self._rv = obj["metadata"].get("resourceVersion", self._rv)
+            if event_type == "DELETED":
+                self.vmis.pop(name, None)
+            else:
+                self.vmis[name] = obj
+            if on_change is not None:
+                on_change(self.vmis)
+            if done(self.vmis) or self._clock() >= deadline:
+                return True
+        return False
+
     def _backoff(self) -> None:
         time.sleep(0.2)
 
 
 class Provisioner:
-    def __init__(self, *, sessions: RedisSessionStore, templates: dict[str, Template],
-                 cluster_for: Callable[[str], KubeCluster],
-                 clock: Callable[[], float] = time.time,
-                 teardown_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        sessions: RedisSessionStore,
+        templates: dict[str, Template],
+        cluster_for: Callable[[str], KubeCluster],
+        clock: Callable[[], float] = time.time,
+        teardown_timeout: float = 120.0,
+    ) -> None:
         self._sessions = sessions
         self._templates = templates
         self._cluster_for = cluster_for
@@ -284,9 +307,12 @@ class Provisioner:
             try:
                 session = self._sessions.update(
                     session_id,
-                    lambda s: s if s.state in (SessionState.TERMINATING, SessionState.FAILED,
-                                               SessionState.ENDED)
-                    else s.transition(SessionState.TERMINATING, at=now, reason="closed"),
+                    lambda s: (
+                        s
+                        if s.state
+                        in (SessionState.TERMINATING, SessionState.FAILED, SessionState.ENDED)
+                        else s.transition(SessionState.TERMINATING, at=now, reason="closed")
+                    ),
                 )
             except SessionNotFound:
                 return Outcome(None, "session vanished")

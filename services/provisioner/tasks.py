@@ -43,7 +43,7 @@ def _bind(task: Task, session_id: str, runtime: WorkerRuntime) -> None:
 
 
 def _retry_delay(retries: int) -> float:
-    return float(min(60, 2 ** retries))
+    return float(min(60, 2**retries))
 
 
 @shared_task(bind=True, name=PROVISION, acks_late=True, max_retries=MAX_RETRIES)

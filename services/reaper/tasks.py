@@ -33,8 +33,9 @@ def reap_expired(sessions: RedisSessionStore, *, now: float, batch: int) -> list
             reason = _REASONS[kind]
             moved: list[bool] = []
 
-            def change(current: Session, reason: str = reason, kind: str = kind,
-                       moved: list[bool] = moved) -> Session:
+            def change(
+                current: Session, reason: str = reason, kind: str = kind, moved: list[bool] = moved
+            ) -> Session:
                 moved.clear()
                 if current.state not in (SessionState.PROVISIONING, SessionState.READY):
                     return current
@@ -51,8 +52,12 @@ def reap_expired(sessions: RedisSessionStore, *, now: float, batch: int) -> list
                 continue
             if moved:
                 won.append(session_id)
-                log.info("session.expired", session_id=session_id, template=updated.template,
-                         reason=reason)
+                log.info(
+                    "session.expired",
+                    session_id=session_id,
+                    template=updated.template,
+                    reason=reason,
+                )
     return won
 
 
@@ -60,7 +65,9 @@ def reap_expired(sessions: RedisSessionStore, *, now: float, batch: int) -> list
 def reap(self: Task) -> dict[str, Any]:
     runtime = runtime_of(self.app)
     structlog.contextvars.bind_contextvars(task_id=self.request.id, task=self.name)
-    expired = reap_expired(runtime.sessions, now=runtime.clock(), batch=runtime.settings.reaper_batch)
+    expired = reap_expired(
+        runtime.sessions, now=runtime.clock(), batch=runtime.settings.reaper_batch
+    )
     for session_id in expired:
         runtime.celery.send_task(TEARDOWN, args=[session_id], queue=TEARDOWN_QUEUE)
     return {"expired": len(expired)}

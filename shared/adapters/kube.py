@@ -52,8 +52,9 @@ class Conflict(KubeError):
 
 
 class Invalid(KubeError):
-    def __init__(self, message: str, *, status: int | None = None,
-                 causes: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, causes: list[dict[str, Any]] | None = None
+    ) -> None:
         super().__init__(message, status=status)
         self.causes = causes or []
 
@@ -65,8 +66,9 @@ class Expired(KubeError):
 class TooManyRequests(KubeError):
     transient = True
 
-    def __init__(self, message: str, *, status: int | None = None,
-                 retry_after: float = 1.0) -> None:
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float = 1.0
+    ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
 
@@ -115,9 +117,15 @@ def translate(exc: ApiException) -> KubeError:
 class Retry:
     """Bounded retries of transient failures: exponential backoff with full jitter, capped."""
 
-    def __init__(self, *, attempts: int = 8, base: float = 0.2, cap: float = 5.0,
-                 sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        attempts: int = 8,
+        base: float = 0.2,
+        cap: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self.attempts = attempts
         self.base = base
         self.cap = cap
@@ -131,11 +139,12 @@ class Retry:
             except KubeError as exc:
                 if not exc.transient or attempt == self.attempts:
                     raise
-                delay = self._rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
+                delay = self._rng.uniform(0, min(self.cap, self.base * 2**attempt))
                 if isinstance(exc, TooManyRequests):
                     delay = max(delay, min(self.cap, exc.retry_after))
-                log.debug("kube.retry", what=what, attempt=attempt, delay=round(delay, 3),
-                          error=str(exc))
+                log.debug(
+                    "kube.retry", what=what, attempt=attempt, delay=round(delay, 3), error=str(exc)
+                )
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -170,13 +179,20 @@ def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient
 class KubeCluster:
     """One cluster's VMIs and Services in labvirt's namespace."""
 
-    def __init__(self, cluster: ClusterConfig, *, pool_maxsize: int = 32,
-                 request_timeout: float = 30.0, retry: Retry | None = None) -> None:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        *,
+        pool_maxsize: int = 32,
+        request_timeout: float = 30.0,
+        retry: Retry | None = None,
+    ) -> None:
         self.region = cluster.region
         self.namespace = cluster.namespace
         self._api_client = api_client(cluster, pool_maxsize=pool_maxsize)
-        self._custom = client.CustomObjectsApi(self._api_client)
-        self._core = client.CoreV1Api(self._api_client)
+        # Typed as Any: custom objects travel as dicts, which the client's stubs do not admit.
+        self._custom: Any = client.CustomObjectsApi(self._api_client)
+        self._core: Any = client.CoreV1Api(self._api_client)
         self._timeout = request_timeout
         self._retry = retry or Retry()
 
@@ -191,7 +207,11 @@ class KubeCluster:
         try:
             created: dict[str, Any] = self._retry(
                 lambda: self._custom.create_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, VMI_PLURAL, body,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    VMI_PLURAL,
+                    body,
                     _request_timeout=self._timeout,
                 ),
                 what=f"create vmi {name}",
@@ -219,7 +239,11 @@ class KubeCluster:
                 kwargs["_continue"] = token
             page: dict[str, Any] = self._retry(
                 lambda kw=kwargs: self._custom.list_namespaced_custom_object(  # type: ignore[misc]
-                    GROUP, VERSION, self.namespace, VMI_PLURAL, _request_timeout=self._timeout,
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    VMI_PLURAL,
+                    _request_timeout=self._timeout,
                     **kw,
                 ),
                 what="list vmis",
@@ -229,18 +253,22 @@ class KubeCluster:
             if not token:
                 return items, str(page.get("metadata", {}).get("resourceVersion", ""))
 
-    def watch_vmis(self, selector: str, resource_version: str,
-                   timeout_seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    def watch_vmis(
+        self, selector: str, resource_version: str, timeout_seconds: int
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Changes after ``resource_version`` until the server ends the stream.
 
         Raises ``Expired`` when the version is too old (list again), and transient errors
         as they come: the caller decides whether to list again.
         """
-        stream = watch.Watch()
+        stream: Any = watch.Watch()
         try:
             events = stream.stream(
                 self._custom.list_namespaced_custom_object,
-                GROUP, VERSION, self.namespace, VMI_PLURAL,
+                GROUP,
+                VERSION,
+                self.namespace,
+                VMI_PLURAL,
                 label_selector=selector,
                 resource_version=resource_version,
                 allow_watch_bookmarks=True,
@@ -258,8 +286,11 @@ class KubeCluster:
                 if event_type == "ERROR":
                     status = event.get("raw_object") or event.get("object") or {}
                     code = int(status.get("code", 500)) if isinstance(status, dict) else 500
-                    message = status.get("message", "watch error") if isinstance(
-                        status, dict) else str(status)
+                    message = (
+                        status.get("message", "watch error")
+                        if isinstance(status, dict)
+                        else str(status)
+                    )
                     if code == 410:
                         raise Expired(message, status=410)
                     raise Unavailable(message, status=code)
@@ -271,8 +302,13 @@ class KubeCluster:
         """Ask for every matching VMI to go (finalizers may keep them a while)."""
         self._retry(
             lambda: self._custom.delete_collection_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, VMI_PLURAL, label_selector=selector,
-                _request_timeout=self._timeout, _preload_content=False,
+                GROUP,
+                VERSION,
+                self.namespace,
+                VMI_PLURAL,
+                label_selector=selector,
+                _request_timeout=self._timeout,
+                _preload_content=False,
             ).release_conn(),
             what="delete vmis",
         )
@@ -280,7 +316,12 @@ class KubeCluster:
     def patch_vmi(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._retry(
             lambda: self._custom.patch_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, VMI_PLURAL, name, patch,
+                GROUP,
+                VERSION,
+                self.namespace,
+                VMI_PLURAL,
+                name,
+                patch,
                 _request_timeout=self._timeout,
             ),
             what=f"patch vmi {name}",
@@ -315,7 +356,9 @@ class KubeCluster:
                     # The answer is the Service or a Status depending on the server's version;
                     # labvirt needs neither, so it is not decoded.
                     lambda n=name: self._core.delete_namespaced_service(  # type: ignore[misc]
-                        n, self.namespace, _request_timeout=self._timeout,
+                        n,
+                        self.namespace,
+                        _request_timeout=self._timeout,
                         _preload_content=False,
                     ).release_conn(),
                     what=f"delete service {name}",

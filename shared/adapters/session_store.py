@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -82,8 +82,8 @@ class RedisSessionStore:
             self._index(pipe, updated)
             return updated
 
-        result: Session = self._redis.transaction(attempt, key, value_from_callable=True)
-        return result
+        result = self._redis.transaction(attempt, key, value_from_callable=True)  # type: ignore[arg-type]
+        return cast(Session, result)
 
     def user_sessions(self, user: str) -> list[Session]:
         ids = self._redis.smembers(_user_key(user))
@@ -97,7 +97,7 @@ class RedisSessionStore:
     def due(self, kind: str, now: float, limit: int) -> list[SessionId]:
         """Sessions whose ``kind`` deadline has passed, oldest first, at most ``limit``."""
         ids = self._redis.zrangebyscore(_deadline_key(kind), "-inf", now, start=0, num=limit)
-        return [SessionId(_text(i)) for i in ids]
+        return [SessionId(_text(i)) for i in cast(list[bytes], ids)]
 
     def take_due(self, kind: str, session_id: str) -> bool:
         """True for exactly one caller: the gate that keeps reapers from acting twice."""

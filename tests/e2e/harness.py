@@ -28,8 +28,9 @@ NAMESPACE = "default"
 SHORT_LIFETIME_SECONDS = 6
 
 
-def wait_until(predicate: Callable[[], Any], *, timeout: float, what: str,
-               interval: float = 0.1) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1
+) -> Any:
     """Poll an external process's observable state until it holds (not a test of timing)."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -66,8 +67,9 @@ class Proc:
 def start(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Proc:
     log = log_dir / f"{name}.log"
     handle = log.open("wb")
-    process = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        argv, env=env, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
     return Proc(name, process, log)
 
 
@@ -83,22 +85,40 @@ class Simulator:
     def vmis(self, selector: str = "app.kubernetes.io/managed-by=labvirt") -> list[dict[str, Any]]:
         with self.api() as api:
             result = client.CustomObjectsApi(api).list_namespaced_custom_object(
-                "kubevirt.io", "v1", NAMESPACE, "virtualmachineinstances",
+                "kubevirt.io",
+                "v1",
+                NAMESPACE,
+                "virtualmachineinstances",
                 label_selector=selector,
             )
         return list(result["items"])
 
     def services(self, selector: str = "app.kubernetes.io/managed-by=labvirt") -> list[Any]:
         with self.api() as api:
-            return list(client.CoreV1Api(api).list_namespaced_service(
-                NAMESPACE, label_selector=selector).items)
+            return list(
+                client.CoreV1Api(api)
+                .list_namespaced_service(NAMESPACE, label_selector=selector)
+                .items
+            )
 
 
-def start_simulator(tmp: Path, *, boot_seconds: float = 1.0,
-                    extra: list[str] | None = None) -> Simulator:
+def start_simulator(
+    tmp: Path, *, boot_seconds: float = 1.0, extra: list[str] | None = None
+) -> Simulator:
     kubeconfig = tmp / "sim.kubeconfig"
-    argv = [sys.executable, "-m", "labvirt.sim.app", "--port", "0", "--kubeconfig",
-            str(kubeconfig), "--boot-seconds", str(boot_seconds), "--seed", "7"]
+    argv = [
+        sys.executable,
+        "-m",
+        "labvirt.sim.app",
+        "--port",
+        "0",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--boot-seconds",
+        str(boot_seconds),
+        "--seed",
+        "7",
+    ]
     schema = Path(__file__).resolve().parents[3] / "shared/kubevirt/vmi-schema-strict.json"
     if schema.exists():
         argv += ["--vmi-schema", str(schema)]
@@ -134,13 +154,15 @@ class System:
     procs: dict[str, Proc] = field(default_factory=dict)
     http: requests.Session = field(default_factory=requests.Session)
 
-    def call(self, method: str, path: str, *, token: str | None = FRONTEND_TOKEN,
-             **kwargs: Any) -> requests.Response:
+    def call(
+        self, method: str, path: str, *, token: str | None = FRONTEND_TOKEN, **kwargs: Any
+    ) -> requests.Response:
         headers = kwargs.pop("headers", {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        return self.http.request(method, self.base_url + path, headers=headers, timeout=10,
-                                 **kwargs)
+        return self.http.request(
+            method, self.base_url + path, headers=headers, timeout=10, **kwargs
+        )
 
     def create(self, template: str, user: str) -> dict[str, Any]:
         response = self.call("POST", "/v1/sessions", json={"template": template, "user": user})
@@ -161,8 +183,8 @@ class System:
 
         try:
             result: dict[str, Any] = wait_until(
-                reached, timeout=timeout, what=f"session {session_id} to be {states}",
-                interval=0.2)
+                reached, timeout=timeout, what=f"session {session_id} to be {states}", interval=0.2
+            )
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.logs()}") from None
         return result
@@ -176,26 +198,27 @@ class System:
         self.sim.proc.stop()
 
 
-def start_system(redis_url: str, tmp: Path, *,
-                 extra_env: dict[str, str] | None = None) -> System:
+def start_system(redis_url: str, tmp: Path, *, extra_env: dict[str, str] | None = None) -> System:
     """Simulator, then `labvirt api`, `labvirt worker` and `labvirt beat`, each on its own."""
     sim = start_simulator(tmp)
     port = free_port()
     env = dict(os.environ)
-    env.update({
-        "REDIS_URL": redis_url,
-        "LABVIRT_MODE": "production",
-        "LABVIRT_KUBECONFIG": str(sim.kubeconfig),
-        "LABVIRT_NAMESPACE": NAMESPACE,
-        "LABVIRT_API_HOST": "127.0.0.1",
-        "LABVIRT_API_PORT": str(port),
-        "LABVIRT_FRONTEND_TOKENS": FRONTEND_TOKEN,
-        "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
-        "LABVIRT_TEMPLATES": str(templates_file(tmp)),
-        "LABVIRT_REAPER_INTERVAL_SECONDS": "1",
-        "LABVIRT_LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "REDIS_URL": redis_url,
+            "LABVIRT_MODE": "production",
+            "LABVIRT_KUBECONFIG": str(sim.kubeconfig),
+            "LABVIRT_NAMESPACE": NAMESPACE,
+            "LABVIRT_API_HOST": "127.0.0.1",
+            "LABVIRT_API_PORT": str(port),
+            "LABVIRT_FRONTEND_TOKENS": FRONTEND_TOKEN,
+            "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
+            "LABVIRT_TEMPLATES": str(templates_file(tmp)),
+            "LABVIRT_REAPER_INTERVAL_SECONDS": "1",
+            "LABVIRT_LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra_env or {})
     procs = {
         name: start(name, [sys.executable, "-m", "labvirt.cli", name], env, tmp)

@@ -68,8 +68,7 @@ def test_ubuntu_session_becomes_ready_and_is_removed(system: System) -> None:
     assert vmi["status"]["phase"] == "Running"
     assert vmi["status"]["interfaces"][0]["ipAddress"] == vm["ip"]
     volumes = vmi["spec"]["volumes"]
-    assert {next(iter(set(v) - {"name"})) for v in volumes} <= {"containerDisk",
-                                                               "cloudInitNoCloud"}
+    assert {next(iter(set(v) - {"name"})) for v in volumes} <= {"containerDisk", "cloudInitNoCloud"}
     _assert_valid(vmi)
 
     response = system.call("DELETE", f"/v1/sessions/{created['id']}")
@@ -113,8 +112,9 @@ def test_close_with_the_session_token_alone(system: System) -> None:
     created = system.create("ubuntu", "carol")
     system.wait_state(created["id"], "ready", "failed")
     # navigator.sendBeacon: a form body carrying the token, no Authorization header.
-    response = system.call("POST", f"/v1/sessions/{created['id']}/close", token=None,
-                           data={"token": created["token"]})
+    response = system.call(
+        "POST", f"/v1/sessions/{created['id']}/close", token=None, data={"token": created["token"]}
+    )
     assert response.status_code == 202, response.text
     assert system.wait_state(created["id"], "ended", "failed")["state"] == "ended"
     assert _session_vmis(system, created["id"]) == []
@@ -122,15 +122,17 @@ def test_close_with_the_session_token_alone(system: System) -> None:
 
 def test_beat_reaper_ends_a_session_past_its_lifetime(system: System) -> None:
     created = system.create("short", "dave")
-    ended = system.wait_state(created["id"], "ended", "failed",
-                              timeout=SHORT_LIFETIME_SECONDS + 60)
+    ended = system.wait_state(created["id"], "ended", "failed", timeout=SHORT_LIFETIME_SECONDS + 60)
     assert ended["state"] == "ended"
     states = [h["state"] for h in ended["history"]]
     assert states[0] == "provisioning"
     assert states[-2:] == ["terminating", "ended"]
     assert ended["history"][-2]["reason"] == "maximum lifetime reached"
-    wait_until(lambda: _session_vmis(system, created["id"]) == [], timeout=30,
-               what="the reaped session's VMIs to go")
+    wait_until(
+        lambda: _session_vmis(system, created["id"]) == [],
+        timeout=30,
+        what="the reaped session's VMIs to go",
+    )
 
 
 def test_a_session_token_opens_no_other_session(system: System) -> None:

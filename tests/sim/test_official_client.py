@@ -69,10 +69,21 @@ def test_custom_objects_crud(api):
         GROUP, VERSION, "default", PLURAL, "crud", {"metadata": {"labels": {"extra": "yes"}}}
     )
     assert patched["metadata"]["labels"] == {"app": "crud", "extra": "yes"}
-    patched["metadata"]["annotations"] = {"note": "replaced"}
-    replaced = api.replace_namespaced_custom_object(
-        GROUP, VERSION, "default", PLURAL, "crud", patched
-    )
+    # The controller moves the VMI's status on meanwhile, so a replace is a read-modify-write
+    # loop that retries on Conflict, as every real client's is.
+    for _ in range(10):
+        current = api.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "crud")
+        current["metadata"]["annotations"] = {"note": "replaced"}
+        try:
+            replaced = api.replace_namespaced_custom_object(
+                GROUP, VERSION, "default", PLURAL, "crud", current
+            )
+            break
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    else:
+        pytest.fail("replace kept conflicting")
     assert replaced["metadata"]["annotations"] == {"note": "replaced"}
     with pytest.raises(ApiException) as caught:
         api.replace_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "crud", patched)
