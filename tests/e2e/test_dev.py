@@ -77,5 +77,5 @@ def test_dev_runs_the_printed_curl_to_a_ready_session_and_stops_cleanly(
     finally:
         dev.send_signal(signal.SIGINT)
         assert dev.wait(timeout=60) == 0, "".join(lines[-40:])
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {alive}"
