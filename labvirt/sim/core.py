@@ -38,6 +38,7 @@ SERVICES = ResourceType(
     namespaced=True,
     short_names=("svc",),
     categories=("all",),
+    returns_deleted_object=True,
 )
 EVENTS = ResourceType(
     group="",

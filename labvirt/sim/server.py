@@ -833,7 +833,9 @@ class ApiServer:
             preconditions=preconditions,
             dry_run=dry_run,
         )
-        return json_response(_success(resource, obj) if removed else obj)
+        if removed and not resource.returns_deleted_object:
+            return json_response(_success(resource, obj))
+        return json_response(obj)
 
     async def _delete_collection(self, request: web.Request, target: Target) -> web.Response:
         grace, _, dry_run = await self._delete_options(request)

@@ -67,6 +67,8 @@ class ResourceType:
         "watch",
     )
     custom: bool = False  # a CustomResourceDefinition: no strategic merge patch
+    # Some built-in registries answer an immediate delete with the object, not a Status.
+    returns_deleted_object: bool = False
 
     @property
     def api_version(self) -> str:

@@ -397,16 +397,29 @@ def test_delete_options_are_validated(api):
     assert status == 400
 
 
-def test_delete_without_finalizers_answers_success_status(api):
+def test_delete_of_a_service_answers_the_deleted_service(api):
+    # The Service registry returns the deleted object, as the official client expects
+    # (its delete_namespaced_service decodes a V1Service).
     api.call(
         "POST", SERVICES, {"metadata": {"name": "gone-at-once"}, "spec": {"clusterIP": "None"}}
     )
     status, _, body = api.call("DELETE", f"{SERVICES}/gone-at-once")
     assert status == 200
+    assert body["kind"] == "Service"
+    assert body["metadata"]["name"] == "gone-at-once"
+    assert api.call("GET", f"{SERVICES}/gone-at-once")[0] == 404
+
+
+def test_delete_without_finalizers_answers_success_status(api):
+    path = "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies"
+    api.call("POST", path, {"metadata": {"name": "gone-at-once"}, "spec": {"podSelector": {}}})
+    status, _, body = api.call("DELETE", f"{path}/gone-at-once")
+    assert status == 200
     assert body["kind"] == "Status"
     assert body["status"] == "Success"
     assert body["details"]["name"] == "gone-at-once"
-    assert body["details"]["kind"] == "services"
+    assert body["details"]["kind"] == "networkpolicies"
+    assert body["details"]["group"] == "networking.k8s.io"
 
 
 def test_delete_collection_by_label(api):
