@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import yaml
 
+# KubeVirt's schema beside the checkout, when there (../shared/kubevirt).
+_DEFAULT_SCHEMA = Path(__file__).resolve().parents[2] / "shared/kubevirt/vmi-schema-strict.json"
 VMI_PATH = "/apis/kubevirt.io/v1/namespaces/default/virtualmachineinstances"
 
 
@@ -66,8 +68,10 @@ class Simulator:
         ]
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.startup_seconds = 0.0
 
     def __enter__(self) -> Simulator:
+        started = time.perf_counter()
         self.process = subprocess.Popen(
             self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -75,7 +79,8 @@ class Simulator:
         while not self.kubeconfig.exists():
             if time.monotonic() > deadline or self.process.poll() is not None:
                 raise RuntimeError("simulator did not start")
-            time.sleep(0.05)
+            time.sleep(0.01)
+        self.startup_seconds = time.perf_counter() - started
         config = yaml.safe_load(self.kubeconfig.read_text())
         self.url = config["clusters"][0]["cluster"]["server"]
         return self
@@ -175,21 +180,41 @@ async def watch_fanout(
 
 
 def run(
-    *, creates: int, concurrency: int, watchers: int, events: int, repeats: int
+    *,
+    creates: int,
+    concurrency: int,
+    watchers: int,
+    events: int,
+    repeats: int,
+    schema: Path | None,
 ) -> dict[str, Any]:
     create_runs = []
+    strict_runs = []
     fanout_runs = []
+    startups = []
     for _ in range(repeats):
         with Simulator(["--nodes", "200", "--boot-seconds", "5"]) as sim:
+            startups.append(sim.startup_seconds)
             create_runs.append(
                 asyncio.run(creates_per_second(sim.url, count=creates, concurrency=concurrency))
             )
+        if schema is not None:
+            strict = ["--nodes", "200", "--boot-seconds", "5", "--vmi-schema", str(schema)]
+            with Simulator(strict) as sim:
+                strict_runs.append(
+                    asyncio.run(creates_per_second(sim.url, count=creates, concurrency=concurrency))
+                )
         with Simulator(["--nodes", "50", "--boot-seconds", "5"]) as sim:
             fanout_runs.append(
                 asyncio.run(watch_fanout(sim.url, watchers=watchers, events=events, interval=0.02))
             )
     return {
+        "startup_seconds_median": statistics.median(startups),
+        "startup_seconds_max": max(startups),
         "creates_per_second_median": statistics.median(r["per_second"] for r in create_runs),
+        "creates_per_second_strict_schema_median": (
+            statistics.median(r["per_second"] for r in strict_runs) if strict_runs else None
+        ),
         "creates_runs": create_runs,
         "fanout_p50_ms_median": statistics.median(r["p50_ms"] for r in fanout_runs),
         "fanout_p99_ms_median": statistics.median(r["p99_ms"] for r in fanout_runs),
@@ -204,13 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watchers", type=int, default=100)
     parser.add_argument("--events", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--vmi-schema",
+        type=Path,
+        default=_DEFAULT_SCHEMA,
+        help="also measure creates with KubeVirt's strict schema admission (when the file exists)",
+    )
     args = parser.parse_args(argv)
+    schema = args.vmi_schema if args.vmi_schema and args.vmi_schema.exists() else None
     result = run(
         creates=args.creates,
         concurrency=args.concurrency,
         watchers=args.watchers,
         events=args.events,
         repeats=args.repeats,
+        schema=schema,
     )
     print(json.dumps(result, indent=2))
     return 0
