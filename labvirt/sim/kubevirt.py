@@ -17,7 +17,6 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -1135,82 +1134,3 @@ def _live_migratable(status: Obj, spec: Obj, now: float) -> None:
         )
     else:
         set_condition(status, "LiveMigratable", "True", now)
-
-
-# -- table printing ----------------------------------------------------------------------------
-
-VMI_TABLE_COLUMNS: list[dict[str, Any]] = [
-    {"name": name, "type": kind, "format": "", "description": description, "priority": priority}
-    for name, kind, description, priority in (
-        ("Age", "date", "Time since the VMI was created (.metadata.creationTimestamp)", 0),
-        ("Phase", "string", ".status.phase", 0),
-        ("IP", "string", ".status.interfaces[0].ipAddress", 0),
-        ("NodeName", "string", ".status.nodeName", 0),
-        ("Ready", "string", ".status.conditions[?(@.type=='Ready')].status", 0),
-        ("Live-Migratable", "string", ".status.conditions[?(@.type=='LiveMigratable')].status", 1),
-        ("Paused", "string", ".status.conditions[?(@.type=='Paused')].status", 1),
-    )
-]
-
-
-def human_duration(seconds: float) -> str:
-    """kubectl's age format (k8s.io/apimachinery/pkg/util/duration.HumanDuration)."""
-    whole = int(seconds)
-    if whole < -1:
-        return "<invalid>"
-    if whole < 0:
-        return "0s"
-    if whole < 120:
-        return f"{whole}s"
-    minutes = whole // 60
-    if minutes < 10:
-        rest = whole % 60
-        return f"{minutes}m{rest}s" if rest else f"{minutes}m"
-    if minutes < 180:
-        return f"{minutes}m"
-    hours = whole // 3600
-    if hours < 8:
-        rest = minutes % 60
-        return f"{hours}h{rest}m" if rest else f"{hours}h"
-    if hours < 48:
-        return f"{hours}h"
-    if hours < 24 * 8:
-        rest = hours % 24
-        return f"{hours // 24}d{rest}h" if rest else f"{hours // 24}d"
-    if hours < 24 * 365 * 2:
-        return f"{hours // 24}d"
-    if hours < 24 * 365 * 8:
-        days = (hours // 24) % 365
-        years = hours // 24 // 365
-        return f"{years}y{days}d" if days else f"{years}y"
-    return f"{hours // 24 // 365}y"
-
-
-def _condition_status(status: Obj, condition_type: str) -> str:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == condition_type:
-            return str(condition.get("status", ""))
-    return ""
-
-
-def vmi_table_row(obj: Obj, now: float) -> list[object]:
-    """Cells for ``VMI_TABLE_COLUMNS`` (the server adds the Name column in front)."""
-    status = obj.get("status") or {}
-    created = obj.get("metadata", {}).get("creationTimestamp")
-    age = "<unknown>"
-    if created:
-        try:
-            since = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-            age = human_duration(now - since)
-        except ValueError:
-            age = "<invalid>"
-    interfaces = status.get("interfaces") or [{}]
-    return [
-        age,
-        status.get("phase", ""),
-        interfaces[0].get("ipAddress", ""),
-        status.get("nodeName", ""),
-        _condition_status(status, "Ready"),
-        _condition_status(status, "LiveMigratable"),
-        _condition_status(status, "Paused"),
-    ]

@@ -17,11 +17,8 @@ from labvirt.sim.errors import ApiError
 from labvirt.sim.kubevirt import (
     FINALIZER,
     VMI,
-    VMI_TABLE_COLUMNS,
     KubeVirt,
     SimulationConfig,
-    human_duration,
-    vmi_table_row,
 )
 from labvirt.sim.store import Obj, ResourceType, Store
 
@@ -502,58 +499,3 @@ def test_crash_during_graceful_deletion_still_finishes() -> None:
 
 
 # -- printing ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [
-        (-5, "<invalid>"),
-        (-1, "0s"),
-        (0, "0s"),
-        (5, "5s"),
-        (119, "119s"),
-        (120, "2m"),
-        (182, "3m2s"),
-        (600, "10m"),
-        (179 * 60, "179m"),
-        (3 * 3600, "3h"),
-        (4 * 3600 + 5 * 60, "4h5m"),
-        (8 * 3600, "8h"),
-        (47 * 3600, "47h"),
-        (48 * 3600, "2d"),
-        (3 * 86400 + 4 * 3600, "3d4h"),
-        (8 * 86400, "8d"),
-        (2 * 365 * 86400, "2y"),
-        (2 * 365 * 86400 + 3 * 86400, "2y3d"),
-        (9 * 365 * 86400, "9y"),
-    ],
-)
-def test_ages_print_like_kubectl(seconds: float, text: str) -> None:
-    assert human_duration(seconds) == text
-
-
-def test_table_rows_follow_the_printer_columns() -> None:
-    assert [(c["name"], c["type"], c["priority"]) for c in VMI_TABLE_COLUMNS] == [
-        ("Age", "date", 0),
-        ("Phase", "string", 0),
-        ("IP", "string", 0),
-        ("NodeName", "string", 0),
-        ("Ready", "string", 0),
-        ("Live-Migratable", "string", 1),
-        ("Paused", "string", 1),
-    ]
-    assert all(
-        set(c) == {"name", "type", "format", "description", "priority"} for c in VMI_TABLE_COLUMNS
-    )
-    sim = simulate()
-    created = sim.create("box")
-    assert vmi_table_row(created, START + 5) == ["5s", "Pending", "", "", "False", "", ""]
-    sim.clock.advance(182)
-    obj = sim.get("box")
-    assert obj is not None
-    row = vmi_table_row(obj, sim.clock.now())
-    assert row[0] == "3m2s"
-    assert row[1:3] == ["Running", obj["status"]["interfaces"][0]["ipAddress"]]
-    assert row[3] == obj["status"]["nodeName"]
-    assert row[4:] == ["True", "True", ""]
-    assert len(row) == len(VMI_TABLE_COLUMNS)
