@@ -49,6 +49,10 @@ format: install ## Format and fix what ruff can
 bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
+.PHONY: chaos
+chaos: install ## Chaos run: 100 sessions against 20% API errors and 20% boot failures
+	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest tests/e2e/test_chaos.py $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and dev state
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

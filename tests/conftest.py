@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,9 @@ _LOCK_KEY = "labvirt-test-run"
 _LOCK_SECONDS = 3600
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A Redis database of this test run's own, flushed before use.
+@contextlib.contextmanager
+def claim_redis_database() -> Iterator[str]:
+    """A Redis database of its own, flushed before and after use.
 
     The machine's Redis when one answers at REDIS_URL: the first free database from 15 down,
     claimed with a lock key so concurrent runs (and a developer's data in database 0) never
@@ -48,6 +49,12 @@ def redis_url() -> Iterator[str]:
             return
         client.close()
     pytest.fail("every Redis database from 1 to 15 is claimed by another test run")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    with claim_redis_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -198,9 +198,15 @@ class System:
         self.sim.proc.stop()
 
 
-def start_system(redis_url: str, tmp: Path, *, extra_env: dict[str, str] | None = None) -> System:
+def start_system(
+    redis_url: str,
+    tmp: Path,
+    *,
+    extra_env: dict[str, str] | None = None,
+    sim_args: list[str] | None = None,
+) -> System:
     """Simulator, then `labvirt api`, `labvirt worker` and `labvirt beat`, each on its own."""
-    sim = start_simulator(tmp)
+    sim = start_simulator(tmp, extra=sim_args)
     port = free_port()
     env = dict(os.environ)
     env.update(
