@@ -31,7 +31,16 @@ def chaotic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         system = start_system(
             url,
             tmp,
-            sim_args=["--error-rate", "0.2", "--boot-failure-rate", "0.2", "--seed", "3"],
+            sim_args=[
+                "--error-rate",
+                "0.2",
+                "--boot-failure-rate",
+                "0.2",
+                "--seed",
+                "3",
+                "--nodes",
+                "10",
+            ],
         )
         try:
             yield system
