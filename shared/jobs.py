@@ -42,8 +42,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
-        # A provision may wait minutes on a slow boot: redeliver only after that.
-        broker_transport_options={"visibility_timeout": 3600},
+        # A task a dead worker held goes back on the queue after this long. It must outlast
+        # the longest provision (a slow boot under emulation); tasks are idempotent, so a
+        # late duplicate does no harm, while a long timeout only delays recovery.
+        broker_transport_options={"visibility_timeout": 900},
         task_queues=[Queue(name) for name in QUEUES],
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes={
