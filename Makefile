@@ -53,6 +53,10 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 chaos: install ## Chaos run: 100 sessions against 20% API errors and 20% boot failures
 	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest tests/e2e/test_chaos.py $(PYTEST_ARGS)
 
+.PHONY: pool-load
+pool-load: install ## Warm pools under load: 500 concurrent creates against a pool of 100
+	LABVIRT_POOL_LOAD=500:100 $(BIN)/python -m pytest tests/e2e/test_pools_e2e.py -k concurrent_creates_against $(PYTEST_ARGS)
+
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and dev state
 	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

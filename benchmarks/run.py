@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import sim_bench
+from benchmarks import pool_bench, reaper_bench, sim_bench
 
 
 def main() -> int:
     print("== simulator: creates/s and watch fan-out (python -m benchmarks.sim_bench)", flush=True)
-    return sim_bench.main(sys.argv[1:])
+    status = sim_bench.main(sys.argv[1:])
+    print("== reaper: tick cost vs live sessions (python -m benchmarks.reaper_bench)", flush=True)
+    status = reaper_bench.main([]) or status
+    print("== warm pools: sizing on replayed traces (python -m benchmarks.pool_bench)", flush=True)
+    return pool_bench.main([]) or status
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from types import FrameType
 from shared.adapters.redis_server import EmbeddedRedis, answers, free_port
 
 _PR_SET_PDEATHSIG = 1
-_COLOURS = {"dev": 37, "sim": 35, "api": 32, "worker": 36, "beat": 33}
+_COLOURS = {"dev": 37, "sim": 35, "api": 32, "worker": 36, "prewarm": 34, "beat": 33}
 
 
 def _die_with_parent() -> None:
@@ -209,6 +209,10 @@ def main(args: argparse.Namespace) -> int:
         base = _api_address(env, sup)
         for name in ("api", "worker", "beat"):
             sup.start(name, [sys.executable, "-m", "labvirt.cli", name], env)
+        # Warm pools boot on a worker of their own, never on the threads learners wait for.
+        sup.start(
+            "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env
+        )
         _wait_for(lambda: _healthy(f"{base}/healthz"), timeout=60, what="the API", sup=sup)
         for line in _banner(
             base,

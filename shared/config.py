@@ -53,8 +53,25 @@ class Settings:
     reaper_interval_seconds: float = 5.0
     reaper_batch: int = 500
     idle_timeout_seconds: int | None = None  # overrides every template's when set
+    # Session lifecycle (issue 5): more per-template overrides, and the reaper's and
+    # reconciler's knobs.
+    max_lifetime_seconds: int | None = None
+    startup_timeout_seconds: int | None = None
+    extend_step_seconds: int | None = None
+    hard_deadline_seconds: int | None = None
+    max_sessions_per_user: int = 1
+    expiry_warning_seconds: float = 300.0
+    teardown_retry_seconds: float = 300.0
+    reconcile_interval_seconds: float = 30.0
+    orphan_grace_seconds: float = 120.0
+    events_keepalive_seconds: float = 15.0
     teardown_timeout_seconds: float = 120.0
     kube_request_timeout_seconds: float = 30.0
+    # Warm pools (issue 4): the prewarmer's tick and the bounds of one pool's changes per tick.
+    prewarm_interval_seconds: float = 5.0
+    prewarm_batch: int = 10
+    prewarm_max_in_flight: int = 20
+    pool_max_warm_age_seconds: float = 4 * 3600.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +110,30 @@ class Settings:
             ),
             reaper_batch=env.integer("LABVIRT_REAPER_BATCH", cls.reaper_batch, minimum=1),
             idle_timeout_seconds=env.optional_integer("LABVIRT_IDLE_TIMEOUT_SECONDS", minimum=1),
+            max_lifetime_seconds=env.optional_integer("LABVIRT_MAX_LIFETIME_SECONDS", minimum=1),
+            startup_timeout_seconds=env.optional_integer(
+                "LABVIRT_STARTUP_TIMEOUT_SECONDS", minimum=1
+            ),
+            extend_step_seconds=env.optional_integer("LABVIRT_EXTEND_STEP_SECONDS", minimum=0),
+            hard_deadline_seconds=env.optional_integer("LABVIRT_HARD_DEADLINE_SECONDS", minimum=1),
+            max_sessions_per_user=env.integer(
+                "LABVIRT_MAX_SESSIONS_PER_USER", cls.max_sessions_per_user, minimum=1
+            ),
+            expiry_warning_seconds=env.number(
+                "LABVIRT_EXPIRY_WARNING_SECONDS", cls.expiry_warning_seconds, minimum=0
+            ),
+            teardown_retry_seconds=env.number(
+                "LABVIRT_TEARDOWN_RETRY_SECONDS", cls.teardown_retry_seconds, minimum=1
+            ),
+            reconcile_interval_seconds=env.number(
+                "LABVIRT_RECONCILE_INTERVAL_SECONDS", cls.reconcile_interval_seconds, minimum=0.1
+            ),
+            orphan_grace_seconds=env.number(
+                "LABVIRT_ORPHAN_GRACE_SECONDS", cls.orphan_grace_seconds, minimum=0
+            ),
+            events_keepalive_seconds=env.number(
+                "LABVIRT_EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds, minimum=0.5
+            ),
             teardown_timeout_seconds=env.number(
                 "LABVIRT_TEARDOWN_TIMEOUT_SECONDS", cls.teardown_timeout_seconds, minimum=1
             ),
@@ -100,6 +141,16 @@ class Settings:
                 "LABVIRT_KUBE_REQUEST_TIMEOUT_SECONDS",
                 cls.kube_request_timeout_seconds,
                 minimum=1,
+            ),
+            prewarm_interval_seconds=env.number(
+                "LABVIRT_PREWARM_INTERVAL_SECONDS", cls.prewarm_interval_seconds, minimum=0.1
+            ),
+            prewarm_batch=env.integer("LABVIRT_PREWARM_BATCH", cls.prewarm_batch, minimum=1),
+            prewarm_max_in_flight=env.integer(
+                "LABVIRT_PREWARM_MAX_IN_FLIGHT", cls.prewarm_max_in_flight, minimum=1
+            ),
+            pool_max_warm_age_seconds=env.number(
+                "LABVIRT_POOL_MAX_WARM_AGE_SECONDS", cls.pool_max_warm_age_seconds, minimum=60
             ),
         )
         settings.validate()

@@ -25,6 +25,7 @@ def build_worker_runtime(settings: Settings, *, celery: Celery) -> WorkerRuntime
         templates=base.templates,
         celery=base.celery,
         clock=base.clock,
+        pools=base.pools,
         clusters=Clusters(settings),
     )
 

@@ -51,6 +51,16 @@ def claim_redis_database() -> Iterator[str]:
     pytest.fail("every Redis database from 1 to 15 is claimed by another test run")
 
 
+def flush_database(url: str) -> None:
+    """FLUSHDB on a database this run claimed, keeping the claim (what a data loss looks like)."""
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+        client.set(_LOCK_KEY, str(os.getpid()), ex=_LOCK_SECONDS)
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     with claim_redis_database() as url:

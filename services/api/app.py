@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import structlog
 from flask import Flask, Response, g, request
 
+from services.api.admin import admin as admin_blueprint
 from services.api.context import RUNTIME_KEY
 from services.api.errors import register_error_handlers
+from services.api.events import STOPPING_KEY
+from services.api.events import blueprint as events_blueprint
 from services.api.views import blueprint
 from shared.runtime import Runtime
 
@@ -22,6 +26,8 @@ def create_app(runtime: Runtime) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[RUNTIME_KEY] = runtime
+    # Set when the process is asked to stop: open event streams end instead of holding it up.
+    app.extensions[STOPPING_KEY] = threading.Event()
     register_error_handlers(app)
 
     @app.before_request
@@ -40,4 +46,6 @@ def create_app(runtime: Runtime) -> Flask:
         return response
 
     app.register_blueprint(blueprint)
+    app.register_blueprint(events_blueprint)
+    app.register_blueprint(admin_blueprint)
     return app

@@ -17,6 +17,8 @@ class CreateSessionRequest(Schema):
     template = fields.String(required=True, validate=validate.Length(min=1, max=63))
     user = fields.String(required=True, validate=validate.Length(min=1, max=128))
     region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
+    # Close the user's live sessions and open a new one, instead of a reconnect or a 409.
+    replace = fields.Boolean(load_default=False)
 
 
 class TokenBody(Schema):
@@ -43,6 +45,10 @@ def session_body(session: Session, *, token: str | None = None) -> dict[str, Any
         "created_at": timestamp(session.created_at),
         "expires_at": timestamp(session.expires_at),
         "idle_expires_at": timestamp(session.idle_expires_at),
+        # How far extensions can go (null: the session cannot be extended).
+        "hard_expires_at": (
+            None if session.hard_expires_at is None else timestamp(session.hard_expires_at)
+        ),
         "vms": [vm.to_dict() for vm in session.vms],
         "history": [
             {"state": t.state.value, "at": timestamp(t.at), "reason": t.reason}

@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
 import redis
 import structlog
 from flask import Blueprint, Response, jsonify
 
 from services.api.context import body, caller, platform_caller, runtime, session_for
 from services.api.errors import ApiError, invalid_request, session_not_found
-from services.api.schemas import CreateSessionRequest, session_body
-from shared.adapters.session_store import SessionNotFound
+from services.api.schemas import CreateSessionRequest, TokenBody, session_body
+from services.api.warm import claim_warm_environment, first_task
+from shared.adapters.session_store import SessionNotFound, UserBusy
+from shared.domain.lifecycle import (
+    Decision,
+    ExtensionRefused,
+    admit,
+    clocks_for,
+    extend,
+    start_session,
+)
 from shared.domain.sessions import (
     IllegalTransition,
     InvalidUser,
     Session,
     SessionState,
-    open_session,
+    check_user,
 )
-from shared.jobs import PROVISION, PROVISION_QUEUE, TEARDOWN, TEARDOWN_QUEUE
+from shared.domain.templates import Template
+from shared.jobs import PROVISION_QUEUE, TEARDOWN, TEARDOWN_QUEUE
+from shared.runtime import Runtime, clock_overrides
 
 log = structlog.get_logger(__name__)
 blueprint = Blueprint("sessions", __name__)
@@ -42,14 +57,15 @@ def list_templates() -> Response:
     platform_caller()
     rt = runtime()
     settings = rt.settings
+    overrides = clock_overrides(settings)
     return jsonify(
         {
             "templates": [
                 {
                     "name": t.name,
                     "description": t.description,
-                    "max_lifetime_seconds": t.max_lifetime_seconds,
-                    "idle_timeout_seconds": settings.idle_timeout_seconds or t.idle_timeout_seconds,
+                    "max_lifetime_seconds": clocks_for(t, overrides).max_lifetime_seconds,
+                    "idle_timeout_seconds": clocks_for(t, overrides).idle_timeout_seconds,
                     "vms": [
                         {
                             "name": vm.name,
@@ -90,40 +106,111 @@ def create_session() -> tuple[Response, int, dict[str, str]]:
             details={"regions": list(rt.settings.regions)},
         )
     try:
-        session, token = open_session(
-            user=data["user"],
-            template=template.name,
-            region=region,
-            max_lifetime_seconds=template.max_lifetime_seconds,
-            idle_timeout_seconds=rt.settings.idle_timeout_seconds or template.idle_timeout_seconds,
-            now=rt.clock(),
-        )
+        user = check_user(data["user"])
     except InvalidUser as exc:
         raise invalid_request({"user": [str(exc)]}) from exc
-    rt.sessions.add(session)
-    structlog.contextvars.bind_contextvars(session_id=session.id, template=session.template)
-    try:
-        rt.celery.send_task(PROVISION, args=[session.id], queue=PROVISION_QUEUE)
-    except Exception as exc:
-        rt.sessions.update(
-            session.id,
-            lambda s: s.transition(
-                SessionState.FAILED, at=rt.clock(), reason="could not queue provisioning"
-            ),
+    # One create at a time per user, from the rule's read to the store: two concurrent creates
+    # (a double click, two tabs) cannot both find "no session" and both make one.
+    with _user_lock(rt, user):
+        existing = _existing_session_rule(rt, data, user=user, template=template, region=region)
+        if existing is not None:
+            # A reconnect (a page reload): the session as it is, without a token, which only
+            # the first answer carried (labvirt keeps its hash, not the token).
+            return (
+                jsonify({**session_body(existing), "reconnected": True}),
+                200,
+                {"Location": f"/v1/sessions/{existing.id}"},
+            )
+        session, token = start_session(
+            user=user,
+            template=template.name,
+            region=region,
+            clocks=clocks_for(template, clock_overrides(rt.settings)),
+            now=rt.clock(),
         )
-        log.exception("session.enqueue_failed")
-        raise ApiError(
-            503,
-            "unavailable",
-            "could not queue the environment; try again",
-            headers={"Retry-After": "2"},
-        ) from exc
+        session = claim_warm_environment(rt, session)  # a hit is ready now; a miss goes cold
+        rt.sessions.add(session)
+        structlog.contextvars.bind_contextvars(session_id=session.id, template=session.template)
+        try:
+            rt.celery.send_task(first_task(session), args=[session.id], queue=PROVISION_QUEUE)
+        except Exception as exc:
+            rt.sessions.update(
+                session.id,
+                lambda s: s.transition(
+                    SessionState.FAILED, at=rt.clock(), reason="could not queue provisioning"
+                ),
+            )
+            log.exception("session.enqueue_failed")
+            raise ApiError(
+                503,
+                "unavailable",
+                "could not queue the environment; try again",
+                headers={"Retry-After": "2"},
+            ) from exc
     log.info("session.created", user=session.user, region=region)
     return (
         jsonify(session_body(session, token=token)),
         201,
         {"Location": f"/v1/sessions/{session.id}"},
     )
+
+
+@contextmanager
+def _user_lock(rt: Runtime, user: str) -> Iterator[None]:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(rt.sessions.user_lock(user))
+        except UserBusy as exc:
+            raise ApiError(
+                503,
+                "user_busy",
+                "another request for this user is still being handled; try again",
+                headers={"Retry-After": "1"},
+            ) from exc
+        yield
+
+
+def _existing_session_rule(
+    rt: Runtime, data: dict[str, Any], *, user: str, template: Template, region: str
+) -> Session | None:
+    """Apply "one active session per user": the session to reconnect to, or None to create.
+
+    Raises 409 when the user is at the limit with other templates; with ``"replace": true``
+    closes the user's live sessions first.
+    """
+    admission = admit(
+        rt.sessions.user_sessions(user),
+        template=template.name,
+        region=region,
+        max_sessions=rt.settings.max_sessions_per_user,
+        replace_existing=data["replace"],
+    )
+    if admission.decision is Decision.RECONNECT:
+        log.info(
+            "session.reconnected", session_id=admission.session.id if admission.session else None
+        )
+        return admission.session
+    if admission.decision is Decision.REFUSE:
+        others = ", ".join(f"{s.id} ({s.template})" for s in admission.conflicting)
+        raise ApiError(
+            409,
+            "session_limit",
+            f"user {user!r} already has {len(admission.conflicting)} active session(s): "
+            f'{others}; close it or send "replace": true to close it and start {template.name!r}',
+            details={
+                "max_sessions_per_user": rt.settings.max_sessions_per_user,
+                "sessions": [
+                    {"id": s.id, "template": s.template, "region": s.region, "state": s.state.value}
+                    for s in admission.conflicting
+                ],
+            },
+        )
+    for old in admission.to_close:
+        try:
+            _terminate(rt, old.id, reason="replaced")
+        except SessionNotFound:
+            continue  # gone meanwhile: nothing to close
+    return None
 
 
 @blueprint.get("/v1/sessions/<session_id>")
@@ -163,9 +250,39 @@ def heartbeat(session_id: str) -> Response:
     return jsonify(session_body(session))
 
 
+@blueprint.post("/v1/sessions/<session_id>/extend")
+def extend_session(session_id: str) -> Response:
+    """Move the end by the template's step, up to its hard deadline; 409 past it."""
+    session = session_for(session_id, caller(allow_body_token=True))
+    body(TokenBody)  # nothing but an optional token is accepted
+    rt = runtime()
+    now = rt.clock()
+    try:
+        session = rt.sessions.update(session.id, lambda current: extend(current, now=now))
+    except SessionNotFound as exc:
+        raise session_not_found() from exc
+    except ExtensionRefused as exc:
+        raise ApiError(409, exc.code, exc.message, details=_deadlines(session)) from exc
+    log.info("session.extended", expires_at=session.expires_at)
+    return jsonify(session_body(session))
+
+
+def _deadlines(session: Session) -> dict[str, Any]:
+    extra = session_body(session)
+    return {key: extra[key] for key in ("state", "expires_at", "hard_expires_at")}
+
+
 def _close(session_id: str, *, reason: str, allow_body_token: bool) -> tuple[Response, int]:
     session = session_for(session_id, caller(allow_body_token=allow_body_token))
-    rt = runtime()
+    try:
+        session = _terminate(runtime(), session.id, reason=reason)
+    except SessionNotFound as exc:  # a finished session's document expired meanwhile
+        raise session_not_found() from exc
+    return jsonify(session_body(session)), 202
+
+
+def _terminate(rt: Runtime, session_id: str, *, reason: str) -> Session:
+    """Move a live session to ``terminating`` and queue its teardown (once, however often)."""
     now = rt.clock()
     moved: list[bool] = []
 
@@ -176,11 +293,8 @@ def _close(session_id: str, *, reason: str, allow_body_token: bool) -> tuple[Res
         moved.append(True)
         return current.transition(SessionState.TERMINATING, at=now, reason=reason)
 
-    try:
-        session = rt.sessions.update(session.id, change)
-    except SessionNotFound as exc:  # a finished session's document expired meanwhile
-        raise session_not_found() from exc
+    session = rt.sessions.update(session_id, change)
     if moved:
         rt.celery.send_task(TEARDOWN, args=[session.id], queue=TEARDOWN_QUEUE)
-        log.info("session.closing", reason=reason)
-    return jsonify(session_body(session)), 202
+        log.info("session.closing", session_id=session.id, reason=reason)
+    return session

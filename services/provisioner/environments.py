@@ -9,21 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from shared.adapters.kube import Expired, KubeCluster, KubeError
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore, SessionNotFound
-from shared.domain.manifests import VM_LABEL, build_environment, environment_selector
+from shared.domain.lifecycle import ProgressEvent, Stage, booting_event
+from shared.domain.manifests import build_environment, environment_selector
+from shared.domain.recovery import session_annotations
 from shared.domain.sessions import IllegalTransition, Session, SessionState, VmView
 from shared.domain.templates import Template
+from shared.domain.vmi_status import failure_of, is_ready, vm_views
 
 log = structlog.get_logger(__name__)
 
-FINAL_VMI_PHASES = frozenset({"Succeeded", "Failed"})
 WATCH_SLICE_SECONDS = 30
 
 
@@ -44,48 +47,6 @@ def environment_token(session: Session) -> str:
     """
     digest = hashlib.sha256(f"{session.token_hash}:{session.environment_id}".encode()).hexdigest()
     return f"{digest[:6]}.{digest[6:22]}"
-
-
-def vm_views(template: Template, vmis: Iterable[dict[str, Any]]) -> list[VmView]:
-    by_vm = {vmi["metadata"].get("labels", {}).get(VM_LABEL): vmi for vmi in vmis}
-    views = []
-    for vm in template.vms:
-        vmi = by_vm.get(vm.name)
-        if vmi is None:
-            views.append(VmView(name=vm.name, hostname=vm.hostname))
-            continue
-        status = vmi.get("status") or {}
-        interfaces = status.get("interfaces") or []
-        views.append(
-            VmView(
-                name=vm.name,
-                hostname=vmi.get("spec", {}).get("hostname", vm.hostname),
-                ip=interfaces[0].get("ipAddress") if interfaces else None,
-                phase=status.get("phase") or "Pending",
-                ready=is_ready(vmi),
-            )
-        )
-    return views
-
-
-def is_ready(vmi: dict[str, Any]) -> bool:
-    status = vmi.get("status") or {}
-    if status.get("phase") != "Running" or vmi["metadata"].get("deletionTimestamp"):
-        return False
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
-
-
-def failure_of(vmi: dict[str, Any]) -> str | None:
-    status = vmi.get("status") or {}
-    phase = status.get("phase")
-    if phase in FINAL_VMI_PHASES:
-        return f"VM {vmi['metadata']['name']} reached phase {phase}"
-    if vmi["metadata"].get("deletionTimestamp"):
-        return f"VM {vmi['metadata']['name']} is being deleted"
-    return None
 
 
 class EnvironmentWatch:
@@ -177,12 +138,14 @@ class Provisioner:
         cluster_for: Callable[[str], KubeCluster],
         clock: Callable[[], float] = time.time,
         teardown_timeout: float = 120.0,
+        events: SessionEvents | None = None,
     ) -> None:
         self._sessions = sessions
         self._templates = templates
         self._cluster_for = cluster_for
         self._clock = clock
         self._teardown_timeout = teardown_timeout
+        self._events = events
 
     # -- up ---------------------------------------------------------------------------------
 
@@ -202,6 +165,11 @@ class Provisioner:
             namespace=cluster.namespace,
             session_id=session.id,
             environment_token=environment_token(session),
+            # What the reconciler needs to rebuild the session should Redis lose it.
+            extra_annotations=session_annotations(session),
+        )
+        self._emit(
+            session.id, ProgressEvent(Stage.CREATING, self._clock(), {"vms": len(manifests.vmis)})
         )
         if manifests.service is not None:
             cluster.create_service(manifests.service)
@@ -209,17 +177,27 @@ class Provisioner:
             cluster.create_vmi(vmi)
         log.info("environment.created", vms=len(manifests.vmis), region=session.region)
 
-        deadline = session.created_at + template.startup_timeout_seconds
+        deadline = session.startup_expires_at or (
+            session.created_at + template.startup_timeout_seconds
+        )
         selector = environment_selector(session.environment_id)
         expected = {vmi["metadata"]["name"] for vmi in manifests.vmis}
         failure: list[str] = []
         last_views: list[list[VmView]] = [[]]
+        last_count: list[int | None] = [None]
 
         def progress(vmis: dict[str, dict[str, Any]]) -> None:
             views = vm_views(template, vmis.values())
             if views != last_views[0]:
                 last_views[0] = views
                 self._record_vms(session.id, views)
+            ready_count = sum(1 for view in views if view.ready)
+            if ready_count != last_count[0]:
+                last_count[0] = ready_count
+                self._emit(
+                    session.id,
+                    booting_event(ready=ready_count, total=len(views), at=self._clock()),
+                )
 
         def settled(vmis: dict[str, dict[str, Any]]) -> bool:
             for name in expected:
@@ -248,6 +226,10 @@ class Provisioner:
                 f"environment did not become ready within {template.startup_timeout_seconds} s",
             )
         return self._mark_ready(session.id, last_views[0])
+
+    def _emit(self, session_id: str, event: ProgressEvent) -> None:
+        if self._events is not None:
+            self._events.emit(session_id, event)
 
     def _gone_elsewhere(self, session_id: str) -> bool:
         """True when someone else moved the session on (closed while booting)."""

@@ -29,6 +29,7 @@ def _provisioner(runtime: WorkerRuntime) -> Provisioner:
         cluster_for=runtime.clusters.get,
         clock=runtime.clock,
         teardown_timeout=runtime.settings.teardown_timeout_seconds,
+        events=runtime.events,
     )
 
 

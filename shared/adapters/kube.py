@@ -313,6 +313,24 @@ class KubeCluster:
             what="delete vmis",
         )
 
+    def delete_vmi(self, name: str) -> None:
+        """Ask for one VMI to go; already gone is success."""
+        try:
+            self._retry(
+                lambda: self._custom.delete_namespaced_custom_object(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    VMI_PLURAL,
+                    name,
+                    _request_timeout=self._timeout,
+                    _preload_content=False,
+                ).release_conn(),
+                what=f"delete vmi {name}",
+            )
+        except NotFound:
+            return
+
     def patch_vmi(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = self._retry(
             lambda: self._custom.patch_namespaced_custom_object(

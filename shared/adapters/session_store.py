@@ -2,27 +2,49 @@
 
 Updates are optimistic (WATCH/MULTI): a function maps the current session to the next one and
 is retried when another process changed the session in between, so concurrent API requests,
-workers and reapers never lose each other's writes.
+workers and reapers never lose each other's writes. The same MULTI re-indexes the session's
+deadlines (``shared.domain.lifecycle.deadlines``) and appends the progress event of a state
+change to the session's stream: a document, its deadlines and its event log never disagree, and
+a process that dies mid-update leaves all three as they were.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 import redis
+import structlog
 
+from shared.adapters import session_events
+from shared.domain.lifecycle import (
+    DEADLINE_KINDS,
+    DeadlineKind,
+    DeadlinePolicy,
+    ProgressEvent,
+    deadlines,
+    transition_event,
+)
 from shared.domain.sessions import Session, SessionId, SessionState
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "labvirt"
 FINISHED_RETENTION_SECONDS = 24 * 3600
-DEADLINE_KINDS = ("lifetime", "idle")
 CLOCKED_STATES = frozenset({SessionState.PROVISIONING, SessionState.READY})
+_MGET_CHUNK = 1000
 
 
 class SessionNotFound(LookupError):
     pass
+
+
+class UserBusy(RuntimeError):
+    """Another request holds this user's lock for longer than a request should wait."""
 
 
 def _session_key(session_id: str) -> str:
@@ -37,27 +59,74 @@ def _user_key(user: str) -> str:
     return f"{PREFIX}:user:{user}"
 
 
+def _region_key(region: str) -> str:
+    return f"{PREFIX}:live:{region}"
+
+
+def _user_lock_key(user: str) -> str:
+    return f"{PREFIX}:user-lock:{user}"
+
+
 class RedisSessionStore:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, *, policy: DeadlinePolicy | None = None) -> None:
         self._redis = client
+        self._policy = policy or DeadlinePolicy()
+
+    @property
+    def policy(self) -> DeadlinePolicy:
+        return self._policy
 
     def add(self, session: Session) -> None:
+        """Store a new session; its first progress event (``queued``, or ``ready`` if warm)."""
+        if not self._insert(session, announce=True):
+            raise ValueError(f"session {session.id} already exists")
+        _log_transition(None, session)
+
+    def restore(self, session: Session) -> bool:
+        """Store a session rebuilt from the cluster unless it exists; True if it was stored."""
+        stored = self._insert(session, announce=False)
+        if stored:
+            log.info(
+                "session.restored",
+                session_id=session.id,
+                template=session.template,
+                state=session.state.value,
+            )
+        return stored
+
+    def _insert(self, session: Session, *, announce: bool) -> bool:
         key = _session_key(session.id)
 
-        def attempt(pipe: Any) -> None:
+        def attempt(pipe: Any) -> bool:
             # Check before queueing anything: a refused add must leave the existing session's
             # deadlines and user index alone (SET NX in the same MULTI would not).
             if pipe.exists(key):
-                raise ValueError(f"session {session.id} already exists")
+                pipe.multi()
+                return False
             pipe.multi()
             pipe.set(key, _encode(session))
             self._index(pipe, session)
+            event = transition_event(None, session) if announce else None
+            if event is not None:
+                session_events.append(pipe, session.id, event)
+            return True
 
-        self._redis.transaction(attempt, key)
+        return bool(self._redis.transaction(attempt, key, value_from_callable=True))  # type: ignore[arg-type]
 
     def get(self, session_id: str) -> Session | None:
         raw = self._redis.get(_session_key(session_id))
         return None if raw is None else _decode(raw)
+
+    def get_many(self, session_ids: list[str]) -> dict[str, Session]:
+        """The documents that exist among ``session_ids`` (one round trip per thousand)."""
+        found: dict[str, Session] = {}
+        for start in range(0, len(session_ids), _MGET_CHUNK):
+            chunk = session_ids[start : start + _MGET_CHUNK]
+            raws = cast(list[Any], self._redis.mget([_session_key(i) for i in chunk]))
+            for session_id, raw in zip(chunk, raws, strict=True):
+                if raw is not None:
+                    found[session_id] = _decode(raw)
+        return found
 
     def require(self, session_id: str) -> Session:
         session = self.get(session_id)
@@ -65,61 +134,138 @@ class RedisSessionStore:
             raise SessionNotFound(session_id)
         return session
 
-    def update(self, session_id: str, change: Callable[[Session], Session]) -> Session:
-        """Apply ``change`` atomically; exceptions from ``change`` abort and propagate."""
+    def update(
+        self,
+        session_id: str,
+        change: Callable[[Session], Session],
+        *,
+        reindex: bool = False,
+        announce: Callable[[Session, Session], ProgressEvent | None] | None = None,
+    ) -> Session:
+        """Apply ``change`` atomically; exceptions from ``change`` abort and propagate.
+
+        A change that returns the session it was given writes nothing, unless ``reindex``
+        asks for the deadlines to be indexed again (the reaper's way to drop stale ones).
+        ``announce`` may add a progress event of its own to the same transaction.
+        """
         key = _session_key(session_id)
+        committed: list[tuple[Session, Session]] = []
 
         def attempt(pipe: Any) -> Session:
+            committed.clear()
             raw = pipe.get(key)
             if raw is None:
                 raise SessionNotFound(session_id)
             current = _decode(raw)
             updated = change(current)
             pipe.multi()
-            if updated is current:
+            if updated is current and not reindex:
                 return current
-            pipe.set(key, _encode(updated))
+            if updated is not current:
+                pipe.set(key, _encode(updated))
             self._index(pipe, updated)
+            events = [transition_event(current, updated)]
+            if announce is not None:
+                events.append(announce(current, updated))
+            for event in events:
+                if event is not None:
+                    session_events.append(pipe, updated.id, event)
+            committed.append((current, updated))
             return updated
 
         result = self._redis.transaction(attempt, key, value_from_callable=True)  # type: ignore[arg-type]
+        if committed and committed[0][0].state is not committed[0][1].state:
+            _log_transition(*committed[0])
         return cast(Session, result)
 
     def user_sessions(self, user: str) -> list[Session]:
-        ids = self._redis.smembers(_user_key(user))
-        sessions = []
-        for session_id in sorted(ids):
-            session = self.get(_text(session_id))
-            if session is not None:
-                sessions.append(session)
-        return sessions
+        ids = sorted(_text(i) for i in cast(set[Any], self._redis.smembers(_user_key(user))))
+        return list(self.get_many(ids).values())
+
+    def region_sessions(self, region: str) -> dict[str, Session]:
+        """Every session not yet final in ``region``, by id; forgets ids whose document is gone."""
+        ids = sorted(_text(i) for i in cast(set[Any], self._redis.smembers(_region_key(region))))
+        found = self.get_many(ids)
+        missing = [i for i in ids if i not in found]
+        if missing:
+            self._redis.srem(_region_key(region), *missing)
+        return found
 
     def due(self, kind: str, now: float, limit: int) -> list[SessionId]:
         """Sessions whose ``kind`` deadline has passed, oldest first, at most ``limit``."""
         ids = self._redis.zrangebyscore(_deadline_key(kind), "-inf", now, start=0, num=limit)
         return [SessionId(_text(i)) for i in cast(list[bytes], ids)]
 
-    def take_due(self, kind: str, session_id: str) -> bool:
-        """True for exactly one caller: the gate that keeps reapers from acting twice."""
-        return bool(self._redis.zrem(_deadline_key(kind), session_id))
+    def forget_deadline(self, kind: str, session_id: str) -> None:
+        """Drop a deadline whose session document is gone (nothing is left to act on)."""
+        self._redis.zrem(_deadline_key(kind), session_id)
 
     def count_deadlines(self, kind: str) -> int:
         return int(self._redis.zcard(_deadline_key(kind)))
 
-    @staticmethod
-    def _index(pipe: Any, session: Session) -> None:
-        if session.state not in CLOCKED_STATES:
-            # Only live sessions have deadlines: a terminating one is already on its way out.
-            for kind in DEADLINE_KINDS:
+    def deadline(self, kind: str, session_id: str) -> float | None:
+        score = self._redis.zscore(_deadline_key(kind), session_id)
+        return None if score is None else float(score)
+
+    @contextmanager
+    def user_lock(
+        self, user: str, *, ttl_seconds: float = 10.0, wait_seconds: float = 5.0
+    ) -> Iterator[None]:
+        """Hold the user's lock: one create at a time per user, across API processes.
+
+        A plain ``SET NX PX`` with a random value; released only by its holder (compared under
+        WATCH, no Lua needed), and expiring by itself if the holder dies.
+        """
+        key = _user_lock_key(user)
+        token = secrets.token_hex(16)
+        deadline = time.monotonic() + wait_seconds
+        pause = 0.005
+        while not self._redis.set(key, token, nx=True, px=int(ttl_seconds * 1000)):
+            if time.monotonic() >= deadline:
+                raise UserBusy(user)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        try:
+            yield
+        finally:
+
+            def release(pipe: Any) -> None:
+                held = pipe.get(key)
+                pipe.multi()
+                if held is not None and _text(held) == token:
+                    pipe.delete(key)
+
+            self._redis.transaction(release, key)
+
+    def _index(self, pipe: Any, session: Session) -> None:
+        due = deadlines(session, self._policy)
+        for kind in DEADLINE_KINDS:
+            score = due.get(kind)
+            if score is None:
                 pipe.zrem(_deadline_key(kind), session.id)
+            else:
+                pipe.zadd(_deadline_key(kind), {session.id: score})
         if session.is_final:
             pipe.srem(_user_key(session.user), session.id)
+            pipe.srem(_region_key(session.region), session.id)
             pipe.expire(_session_key(session.id), FINISHED_RETENTION_SECONDS)
             return
         pipe.sadd(_user_key(session.user), session.id)
-        if session.state in CLOCKED_STATES:
-            pipe.zadd(_deadline_key("lifetime"), {session.id: session.expires_at})
-            pipe.zadd(_deadline_key("idle"), {session.id: session.idle_expires_at})
+        pipe.sadd(_region_key(session.region), session.id)
+
+
+def _log_transition(before: Session | None, after: Session) -> None:
+    last = after.history[-1] if after.history else None
+    log.info(
+        "session.transition",
+        session_id=after.id,
+        template=after.template,
+        user=after.user,
+        region=after.region,
+        from_state=None if before is None else before.state.value,
+        to_state=after.state.value,
+        reason=last.reason if last is not None and last.state is after.state else None,
+    )
 
 
 def _encode(session: Session) -> str:
@@ -132,3 +278,14 @@ def _decode(raw: bytes | str) -> Session:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+__all__ = [
+    "CLOCKED_STATES",
+    "DEADLINE_KINDS",
+    "FINISHED_RETENTION_SECONDS",
+    "DeadlineKind",
+    "RedisSessionStore",
+    "SessionNotFound",
+    "UserBusy",
+]

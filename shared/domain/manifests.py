@@ -32,6 +32,9 @@ ENVIRONMENT_LABEL: Final = "labvirt.io/environment"
 TEMPLATE_LABEL: Final = "labvirt.io/template"
 SESSION_LABEL: Final = "labvirt.io/session"
 VM_LABEL: Final = "labvirt.io/vm"
+# On the objects of a warm pool's environment: the template whose pool holds it. Passed as an
+# extra label (not one of LABVIRT_LABELS) so the builders stay unaware of pools.
+POOL_LABEL: Final = "labvirt.io/pool"
 LABVIRT_LABELS: Final = frozenset(
     {MANAGED_BY_LABEL, ENVIRONMENT_LABEL, TEMPLATE_LABEL, SESSION_LABEL, VM_LABEL}
 )
@@ -140,8 +143,13 @@ def build_vmi(
     extra_labels: Mapping[str, str] | None = None,
     created_at: datetime | None = None,
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+    extra_annotations: Mapping[str, str] | None = None,
 ) -> Manifest:
-    """The VirtualMachineInstance for one VM of an environment."""
+    """The VirtualMachineInstance for one VM of an environment.
+
+    ``extra_annotations`` carry what the caller needs to rebuild its state from the cluster
+    (the session's record, see ``shared.domain.recovery``); they cannot replace labvirt's own.
+    """
     if vm not in template.vms:
         raise ValueError(f"VM {vm.name!r} is not part of template {template.name!r}")
     labels = _environment_labels(
@@ -196,7 +204,9 @@ def build_vmi(
             "name": environment_vmi_name(environment_id, vm.name),
             "namespace": namespace,
             "labels": labels,
-            "annotations": _environment_annotations(template=template, created_at=created_at),
+            "annotations": _environment_annotations(
+                template=template, created_at=created_at, extra=extra_annotations
+            ),
         },
         "spec": spec,
     }
@@ -251,6 +261,7 @@ def build_environment(
     extra_labels: Mapping[str, str] | None = None,
     created_at: datetime | None = None,
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
+    extra_annotations: Mapping[str, str] | None = None,
 ) -> EnvironmentManifests:
     """All objects of one environment: a VMI per VM, plus the Service for multi-VM templates."""
     vmis = tuple(
@@ -264,6 +275,7 @@ def build_environment(
             extra_labels=extra_labels,
             created_at=created_at,
             cluster_domain=cluster_domain,
+            extra_annotations=extra_annotations,
         )
         for vm in template.vms
     )
@@ -317,8 +329,17 @@ def _environment_labels(
     return labels
 
 
-def _environment_annotations(*, template: Template, created_at: datetime | None) -> dict[str, str]:
+def _environment_annotations(
+    *, template: Template, created_at: datetime | None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     annotations = {VM_COUNT_ANNOTATION: str(len(template.vms))}
+    for key, value in (extra or {}).items():
+        if key == VM_COUNT_ANNOTATION or (key == CREATED_AT_ANNOTATION and created_at is not None):
+            raise ValueError(f"extra annotation {key!r} would override one labvirt sets")
+        _require_label_key(key)  # annotation keys follow the label key syntax
+        if not isinstance(value, str):
+            raise ValueError(f"annotation {key!r} must be a string, got {value!r}")
+        annotations[key] = value
     if created_at is not None:
         annotations[CREATED_AT_ANNOTATION] = format_timestamp(created_at)
     return annotations

@@ -117,6 +117,16 @@ class Session:
     reason: str | None = None
     vms: tuple[VmView, ...] = ()
     history: tuple[Transition, ...] = field(default_factory=tuple)
+    # Extension moves ``expires_at`` by ``extend_step_seconds``, never past ``hard_expires_at``
+    # (None: no extension at all).
+    hard_expires_at: float | None = None
+    extend_step_seconds: int = 0
+    # Provisioning that is not ready by then fails (None: no startup deadline).
+    startup_expires_at: float | None = None
+    # The deadline an ``expiring-soon`` warning was last sent for, so it is sent once per deadline.
+    warned_for: float | None = None
+    # When a teardown was last asked for; a session still terminating long after gets another.
+    teardown_requested_at: float | None = None
 
     @property
     def idle_expires_at(self) -> float:
@@ -136,10 +146,38 @@ class Session:
             state=wanted,
             reason=reason if reason is not None else self.reason,
             history=history,
+            teardown_requested_at=(
+                at if wanted is SessionState.TERMINATING else self.teardown_requested_at
+            ),
         )
 
     def with_vms(self, vms: Sequence[VmView]) -> Session:
         return replace(self, vms=tuple(vms))
+
+    def warm_start(
+        self, *, environment_id: EnvironmentId, vms: Sequence[VmView], at: float
+    ) -> Session:
+        """A just-opened session handed a booted environment from a warm pool: ``ready`` at
+        once, and every clock counted from ``at`` (the claim), never from the pool's boot."""
+        if self.state is not SessionState.PROVISIONING:
+            raise IllegalTransition(self.state, SessionState.READY)
+        shift = at - self.created_at
+
+        def moved(moment: float | None) -> float | None:
+            return None if moment is None else moment + shift
+
+        started = replace(
+            self,
+            environment_id=environment_id,
+            warm=True,
+            created_at=at,
+            expires_at=self.expires_at + shift,
+            last_seen_at=at,
+            hard_expires_at=moved(self.hard_expires_at),
+            startup_expires_at=moved(self.startup_expires_at),
+            history=tuple(replace(t, at=at) for t in self.history),
+        )
+        return started.with_vms(vms).transition(SessionState.READY, at=at)
 
     def seen(self, at: float) -> Session:
         """A heartbeat: the idle clock starts again."""
@@ -165,6 +203,11 @@ class Session:
             "reason": self.reason,
             "vms": [vm.to_dict() for vm in self.vms],
             "history": [t.to_dict() for t in self.history],
+            "hard_expires_at": self.hard_expires_at,
+            "extend_step_seconds": self.extend_step_seconds,
+            "startup_expires_at": self.startup_expires_at,
+            "warned_for": self.warned_for,
+            "teardown_requested_at": self.teardown_requested_at,
         }
 
     @classmethod
@@ -185,7 +228,16 @@ class Session:
             reason=data.get("reason"),
             vms=tuple(VmView.from_dict(v) for v in data.get("vms", ())),
             history=tuple(Transition.from_dict(t) for t in data.get("history", ())),
+            hard_expires_at=_optional_float(data.get("hard_expires_at")),
+            extend_step_seconds=int(data.get("extend_step_seconds") or 0),
+            startup_expires_at=_optional_float(data.get("startup_expires_at")),
+            warned_for=_optional_float(data.get("warned_for")),
+            teardown_requested_at=_optional_float(data.get("teardown_requested_at")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def new_ids() -> tuple[SessionId, EnvironmentId]:
@@ -221,8 +273,15 @@ def open_session(
     max_lifetime_seconds: int,
     idle_timeout_seconds: int,
     now: float,
+    startup_timeout_seconds: int | None = None,
+    extend_step_seconds: int = 0,
+    hard_deadline_seconds: int | None = None,
 ) -> tuple[Session, str]:
-    """A new session in ``provisioning``, and its bearer token (returned to the caller once)."""
+    """A new session in ``provisioning``, and its bearer token (returned to the caller once).
+
+    Without ``hard_deadline_seconds`` the session cannot be extended; without
+    ``startup_timeout_seconds`` only the provisioner bounds its start.
+    """
     session_id, environment_id = new_ids()
     token = new_token()
     session = Session(
@@ -237,5 +296,14 @@ def open_session(
         idle_timeout_seconds=idle_timeout_seconds,
         last_seen_at=now,
         history=(Transition(SessionState.PROVISIONING, now),),
+        hard_expires_at=(
+            None
+            if hard_deadline_seconds is None
+            else now + max(hard_deadline_seconds, max_lifetime_seconds)
+        ),
+        extend_step_seconds=extend_step_seconds,
+        startup_expires_at=(
+            None if startup_timeout_seconds is None else now + startup_timeout_seconds
+        ),
     )
     return session, token

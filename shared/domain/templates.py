@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Final, NoReturn
 
+from shared.domain.pools import InvalidPoolConfig, PoolConfig, PoolMode
+
 DNS1123_LABEL_MAX_LENGTH: Final = 63
 _DNS1123_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
@@ -89,8 +91,11 @@ _TEMPLATE_KEYS: Final = frozenset(
         "startup_timeout_seconds",
         "extend_step_seconds",
         "hard_deadline_seconds",
+        "pool",
     }
 )
+# A template's warm pool, as its author sizes it: ``size`` (static) or adaptive bounds.
+_POOL_KEYS: Final = frozenset({"mode", "size", "min", "max", "hit_rate"})
 
 
 class TemplateError(ValueError):
@@ -128,6 +133,8 @@ class Template:
     startup_timeout_seconds: int = DEFAULT_STARTUP_TIMEOUT_SECONDS
     extend_step_seconds: int = DEFAULT_EXTEND_STEP_SECONDS
     hard_deadline_seconds: int = DEFAULT_HARD_DEADLINE_SECONDS
+    # Default sizing of this template's pool in every region (the admin API overrides it).
+    pool: PoolConfig = field(default_factory=PoolConfig)
 
     @property
     def is_multi_vm(self) -> bool:
@@ -219,7 +226,50 @@ def parse_template(name: str, data: Mapping[str, object]) -> Template:
         raise TemplateError(msg)
     if len(vms) == 1:
         _reject_domain_placeholder(vms[0], where=where)
-    return Template(name=name, description=description, vms=vms, **lifetimes)
+    pool = _parse_pool(fields.get("pool"), where=where)
+    return Template(name=name, description=description, vms=vms, pool=pool, **lifetimes)
+
+
+def _parse_pool(value: object, *, where: str) -> PoolConfig:
+    """``pool: {size: N}`` or ``pool: {mode: adaptive, min: a, max: b, hit_rate: h}``."""
+    if value is None:
+        return PoolConfig()
+    if not isinstance(value, Mapping):
+        raise TemplateError(f"{where}, field 'pool': must be a mapping, got {_kind(value)}")
+    fields = _Fields(value, where=f"{where}, pool", allowed=_POOL_KEYS)
+    mode = fields.string(
+        "mode", default=PoolMode.ADAPTIVE if "min" in value or "max" in value else PoolMode.STATIC
+    )
+    if mode not in set(PoolMode):
+        fields.fail("mode", f"must be one of {', '.join(PoolMode)}, got {mode!r}")
+    counts: dict[str, int] = {}
+    for key in ("size", "min", "max"):
+        number = fields.get(key)
+        if number is None:
+            continue
+        if not isinstance(number, int) or isinstance(number, bool):
+            fields.fail(key, f"must be a whole number, got {_kind(number)} {number!r}")
+        counts[key] = number
+    if mode == PoolMode.STATIC and ("min" in counts or "max" in counts):
+        fields.fail("mode", "min and max size adaptive pools; a static pool has a size")
+    if mode == PoolMode.ADAPTIVE and "size" in counts:
+        fields.fail("size", "sizes a static pool; an adaptive pool has min and max")
+    hit_rate = fields.get("hit_rate")
+    if hit_rate is not None and (
+        isinstance(hit_rate, bool) or not isinstance(hit_rate, int | float)
+    ):
+        fields.fail("hit_rate", f"must be a number, got {_kind(hit_rate)} {hit_rate!r}")
+    defaults = PoolConfig()
+    try:
+        return PoolConfig(
+            mode=PoolMode(mode),
+            size=counts.get("size", defaults.size),
+            min_size=counts.get("min", defaults.min_size),
+            max_size=counts.get("max", defaults.max_size),
+            hit_rate=float(hit_rate) if hit_rate is not None else defaults.hit_rate,
+        )
+    except InvalidPoolConfig as error:
+        raise TemplateError(f"{where}, field 'pool': {error}") from error
 
 
 def _parse_vms(value: object, *, where: str) -> tuple[VmSpec, ...]:

@@ -153,6 +153,7 @@ class System:
     redis_url: str
     procs: dict[str, Proc] = field(default_factory=dict)
     http: requests.Session = field(default_factory=requests.Session)
+    env: dict[str, str] = field(default_factory=dict)  # what the processes were started with
 
     def call(
         self, method: str, path: str, *, token: str | None = FRONTEND_TOKEN, **kwargs: Any
@@ -230,7 +231,11 @@ def start_system(
         name: start(name, [sys.executable, "-m", "labvirt.cli", name], env, tmp)
         for name in ("api", "worker", "beat")
     }
-    system = System(f"http://127.0.0.1:{port}", sim, redis_url, procs)
+    # Warm pools boot on a worker of their own, as in production (the `prewarm` queue).
+    procs["prewarm"] = start(
+        "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env, tmp
+    )
+    system = System(f"http://127.0.0.1:{port}", sim, redis_url, procs, env=env)
 
     def api_ready() -> bool:
         for proc in procs.values():

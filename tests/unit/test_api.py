@@ -313,6 +313,7 @@ def test_create_answers_201_with_the_session_and_its_token(api: Api) -> None:
         "created_at": iso(NOW),
         "expires_at": iso(NOW + UBUNTU_LIFETIME),
         "idle_expires_at": iso(NOW + UBUNTU_IDLE),
+        "hard_expires_at": iso(NOW + TEMPLATES["ubuntu"].hard_deadline_seconds),
         "vms": [],
         "history": [{"state": "provisioning", "at": iso(NOW), "reason": None}],
         "token": body["token"],
@@ -333,8 +334,8 @@ def test_create_with_the_default_region(api: Api, region: str | None) -> None:
 
 
 def test_each_create_is_a_new_session(api: Api) -> None:
-    first, first_token = api.open_session()
-    second, second_token = api.open_session()
+    first, first_token = api.open_session(user="alice")
+    second, second_token = api.open_session(user="bob")
 
     assert first != second
     assert first_token != second_token
@@ -747,7 +748,7 @@ def test_templates_lists_the_shipped_templates_and_regions(api: Api) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/v1", "/v1/session", "/v2/templates", f"/v1/sessions/{ABSENT_ID}/extend"]
+    "path", ["/", "/v1", "/v1/session", "/v2/templates", f"/v1/sessions/{ABSENT_ID}/renew"]
 )
 def test_unknown_routes_are_json_404(api: Api, path: str) -> None:
     response = api.call("GET", path, token=FRONTEND)
@@ -765,6 +766,8 @@ def test_unknown_routes_are_json_404(api: Api, path: str) -> None:
         ("DELETE", "/v1/templates", {"GET", "HEAD"}),
         ("PATCH", f"/v1/sessions/{ABSENT_ID}", {"GET", "HEAD", "DELETE"}),
         ("GET", f"/v1/sessions/{ABSENT_ID}/close", {"POST"}),
+        ("GET", f"/v1/sessions/{ABSENT_ID}/extend", {"POST"}),
+        ("POST", f"/v1/sessions/{ABSENT_ID}/events", {"GET", "HEAD"}),
     ],
 )
 def test_wrong_methods_are_json_405_with_allow(

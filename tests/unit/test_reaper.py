@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import fakeredis
 import pytest
 
-from services.reaper.tasks import reap_expired
+from services.reaper.tasks import reap_expired as reap_tick
 from shared.adapters.session_store import RedisSessionStore
 from shared.domain.sessions import Session, SessionId, SessionState, open_session
 
@@ -19,6 +20,11 @@ P, R, T, E = (
     SessionState.TERMINATING,
     SessionState.ENDED,
 )
+
+
+def reap_expired(store: RedisSessionStore, *, now: float, batch: int) -> list[str]:
+    """The sessions this tick sent to teardown."""
+    return reap_tick(store, now=now, batch=batch).teardowns
 
 
 def add_session(
@@ -142,20 +148,26 @@ class HeartbeatAfterDue(RedisSessionStore):
         return ids
 
 
-class HeartbeatAfterTake(RedisSessionStore):
-    """A learner's heartbeat lands after this reaper won the gate, before it updates."""
+class HeartbeatInsideSettle(RedisSessionStore):
+    """A learner's heartbeat lands after this reaper read the session, before it commits."""
 
     def __init__(self, client: fakeredis.FakeRedis, beat: Callable[[str], None]) -> None:
         super().__init__(client)
         self._beat = beat
 
-    def take_due(self, kind: str, session_id: str) -> bool:
-        won = super().take_due(kind, session_id)
-        self._beat(session_id)
-        return won
+    def update(self, session_id: str, change: Callable[[Session], Session], **kw: Any) -> Session:
+        beaten: list[bool] = []
+
+        def racing(current: Session) -> Session:
+            if not beaten:
+                beaten.append(True)
+                self._beat(session_id)  # another client writes: this EXEC will fail and retry
+            return change(current)
+
+        return super().update(session_id, racing, **kw)
 
 
-@pytest.mark.parametrize("racing_store", [HeartbeatAfterDue, HeartbeatAfterTake])
+@pytest.mark.parametrize("racing_store", [HeartbeatAfterDue, HeartbeatInsideSettle])
 def test_a_heartbeat_after_due_was_read_keeps_the_session_and_its_deadline(
     server: fakeredis.FakeServer, racing_store: type[RedisSessionStore]
 ) -> None:
@@ -223,7 +235,8 @@ def test_sessions_already_terminating_are_not_counted(
     ended = add_session(store, idle=300)
     store.update(ended.id, lambda s: s.transition(T, at=NOW).transition(E, at=NOW))
 
-    assert reap_expired(store, now=NOW + 1000, batch=10) == []
+    # (Before its teardown is due for a retry: see the stuck-teardown tests.)
+    assert reap_expired(store, now=NOW + 305, batch=10) == []
 
     still = store.require(closed.id)
     assert still.reason == "deleted"
@@ -232,14 +245,21 @@ def test_sessions_already_terminating_are_not_counted(
     assert store.count_deadlines("idle") == 0
 
 
-def test_a_session_taken_by_another_reaper_is_not_won(store: RedisSessionStore) -> None:
-    taken = add_session(store, idle=300)
-    free = add_session(store, idle=300)
-    assert store.take_due("idle", taken.id)  # another reaper won this gate first
+def test_a_session_closed_after_the_tick_read_it_is_not_won(
+    server: fakeredis.FakeServer,
+) -> None:
+    api = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    closed = add_session(api, idle=300)
+    free = add_session(api, idle=300)
 
-    assert reap_expired(store, now=NOW + 300, batch=10) == [free.id]
-    # The winner, not this reaper, moves it: this one leaves it alone.
-    assert store.require(taken.id).state is R
+    def close(session_id: str) -> None:
+        if session_id == closed.id:  # the learner closed it: the API queued its teardown
+            api.update(session_id, lambda s: s.transition(T, at=NOW + 299, reason="closed"))
+
+    reaper = HeartbeatAfterDue(fakeredis.FakeRedis(server=server), close)
+
+    assert reap_expired(reaper, now=NOW + 300, batch=10) == [free.id]
+    assert api.require(closed.id).reason == "closed"
 
 
 def test_a_deadline_whose_session_is_gone_is_skipped(
@@ -333,3 +353,141 @@ def test_batch_applies_to_each_deadline_kind(store: RedisSessionStore) -> None:
     won = reap_expired(store, now=NOW + 1000, batch=1)
 
     assert won == [by_lifetime[0].id, by_idle[0].id]
+
+
+# -- the gate is the transaction -------------------------------------------------------------
+
+
+class DiesBeforeCommitting(RedisSessionStore):
+    """A reaper process killed after it decided, before its transaction committed."""
+
+    def update(self, session_id: str, change: Callable[[Session], Session], **kw: Any) -> Session:
+        def dying(current: Session) -> Session:
+            change(current)
+            raise SystemExit("killed")
+
+        return super().update(session_id, dying, **kw)
+
+
+def test_a_reaper_that_dies_before_committing_loses_no_deadline(
+    server: fakeredis.FakeServer,
+) -> None:
+    """The known gap of a separate ZREM gate: the winner died, the deadline was gone for good."""
+    store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    session = add_session(store, idle=300)
+
+    with pytest.raises(SystemExit):
+        reap_expired(
+            DiesBeforeCommitting(fakeredis.FakeRedis(server=server)), now=NOW + 300, batch=10
+        )
+
+    assert store.require(session.id).state is R
+    assert store.due("idle", NOW + 300, 10) == [session.id]
+    assert reap_expired(store, now=NOW + 301, batch=10) == [session.id]
+
+
+def test_a_reaper_that_dies_before_enqueueing_has_its_teardown_asked_for_again(
+    store: RedisSessionStore,
+) -> None:
+    retry = store.policy.teardown_retry_seconds
+    session = add_session(store, idle=300)
+    assert reap_expired(store, now=NOW + 300, batch=10) == [session.id]
+    # ...and the process died before sending the teardown: the session sits in terminating.
+
+    assert reap_expired(store, now=NOW + 300 + retry - 1, batch=10) == []
+    assert reap_expired(store, now=NOW + 300 + retry, batch=10) == [session.id]
+    assert reap_expired(store, now=NOW + 300 + retry, batch=10) == []  # once per interval
+    assert store.require(session.id).teardown_requested_at == NOW + 300 + retry
+    assert reap_expired(store, now=NOW + 300 + 2 * retry, batch=10) == [session.id]
+    # The session's state and history are untouched by retries.
+    again = store.require(session.id)
+    assert again.state is T
+    assert [t.state for t in again.history] == [P, R, T]
+
+
+def test_a_teardown_that_finished_is_not_asked_for_again(store: RedisSessionStore) -> None:
+    retry = store.policy.teardown_retry_seconds
+    session = add_session(store, idle=300)
+    store.update(session.id, lambda s: s.transition(T, at=NOW, reason="closed"))
+    store.update(session.id, lambda s: s.transition(E, at=NOW + 2))
+
+    assert reap_expired(store, now=NOW + 10 * retry, batch=10) == []
+    assert store.count_deadlines("teardown") == 0
+
+
+# -- startup timeout -------------------------------------------------------------------------
+
+
+def add_booting(store: RedisSessionStore, *, startup: int = 600) -> Session:
+    session, _ = open_session(
+        user="bob",
+        template="ubuntu",
+        region="local",
+        max_lifetime_seconds=7200,
+        idle_timeout_seconds=3600,
+        now=NOW,
+        startup_timeout_seconds=startup,
+    )
+    store.add(session)
+    return session
+
+
+def test_provisioning_past_the_startup_timeout_fails_and_is_torn_down(
+    store: RedisSessionStore,
+) -> None:
+    session = add_booting(store, startup=600)
+
+    assert reap_expired(store, now=NOW + 599, batch=10) == []
+    assert reap_expired(store, now=NOW + 600, batch=10) == [session.id]
+
+    failed = store.require(session.id)
+    assert failed.state is SessionState.FAILED
+    assert failed.reason == "environment did not become ready within 600 s (startup timeout)"
+    assert reap_expired(store, now=NOW + 10_000, batch=10) == []  # final: nothing more
+
+
+def test_a_session_that_became_ready_has_no_startup_deadline(store: RedisSessionStore) -> None:
+    session = add_booting(store, startup=600)
+    store.update(session.id, lambda s: s.transition(R, at=NOW + 30))
+
+    assert store.count_deadlines("startup") == 0
+    assert reap_expired(store, now=NOW + 601, batch=10) == []
+    assert store.require(session.id).state is R
+
+
+# -- expiring-soon ---------------------------------------------------------------------------
+
+
+def stages(client: fakeredis.FakeRedis, session_id: str) -> list[str]:
+    return [f[b"stage"].decode() for _, f in client.xrange(f"labvirt:events:{session_id}")]
+
+
+def test_expiring_soon_is_sent_once_per_deadline(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    # Lifetime 600 s, lead 300 s (the default warning): the warning falls due at NOW + 300.
+    session = add_session(store, lifetime=600, idle=10_000)
+
+    assert reap_tick(store, now=NOW + 299, batch=10).warnings == []
+    tick = reap_tick(store, now=NOW + 300, batch=10)
+    assert tick.warnings == [session.id]
+    assert tick.teardowns == []
+    assert reap_tick(store, now=NOW + 400, batch=10).warnings == []
+    assert stages(client, session.id) == ["ready", "expiring-soon"]  # stored ready
+    assert store.require(session.id).warned_for == NOW + 600
+
+    assert reap_expired(store, now=NOW + 600, batch=10) == [session.id]
+    assert stages(client, session.id)[-1] == "ended"
+
+
+def test_a_heartbeat_re_arms_the_idle_warning(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    # Idle 100 s: the lead is capped at half of it, 50 s.
+    session = add_session(store, lifetime=10_000, idle=100)
+    assert reap_tick(store, now=NOW + 50, batch=10).warnings == [session.id]
+    store.update(session.id, lambda s: s.seen(NOW + 60))
+
+    assert reap_tick(store, now=NOW + 109, batch=10).warnings == []
+    assert reap_tick(store, now=NOW + 110, batch=10).warnings == [session.id]
+    assert stages(client, session.id).count("expiring-soon") == 2

@@ -1,4 +1,4 @@
-"""RedisSessionStore on fakeredis: documents, indexes, the take_due gate and optimistic updates."""
+"""RedisSessionStore on fakeredis: documents, indexes, events, the user lock, optimistic updates."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from shared.adapters.session_store import (
     FINISHED_RETENTION_SECONDS,
     RedisSessionStore,
     SessionNotFound,
+    UserBusy,
 )
 from shared.domain.sessions import (
     IllegalTransition,
@@ -284,7 +285,7 @@ def test_user_sessions_skips_ids_whose_document_is_gone(
     assert store.user_sessions("alice") == []
 
 
-# -- due and take_due ------------------------------------------------------------------------
+# -- due deadlines ---------------------------------------------------------------------------
 
 
 def test_due_lists_expired_sessions_oldest_first_up_to_the_limit(
@@ -303,36 +304,138 @@ def test_due_lists_expired_sessions_oldest_first_up_to_the_limit(
     assert store.due("idle", NOW + 10_000, 100) == []
 
 
-def test_take_due_is_true_exactly_once(store: RedisSessionStore) -> None:
+def test_forget_deadline_drops_one_kind_only(store: RedisSessionStore) -> None:
     session = new_session()
     store.add(session)
 
-    assert store.take_due("idle", session.id) is True
-    assert store.take_due("idle", session.id) is False
-    assert store.take_due("idle", "s-" + "0" * 24) is False
+    store.forget_deadline("idle", session.id)
+    store.forget_deadline("idle", "s-" + "0" * 24)  # absent: nothing happens
+
     assert store.due("idle", NOW + IDLE, 10) == []
-    # Each kind has its own gate.
-    assert store.take_due("lifetime", session.id) is True
-    assert store.take_due("lifetime", session.id) is False
-
-
-def test_take_due_across_clients_has_one_winner() -> None:
-    server = fakeredis.FakeServer()
-    session = new_session()
-    stores = [RedisSessionStore(fakeredis.FakeRedis(server=server)) for _ in range(3)]
-    stores[0].add(session)
-
-    assert [s.take_due("lifetime", session.id) for s in stores] == [True, False, False]
+    assert store.due("lifetime", NOW + LIFETIME, 10) == [session.id]
 
 
 def test_the_next_write_of_a_live_session_indexes_it_again(store: RedisSessionStore) -> None:
     session = new_session()
     store.add(session)
-    store.take_due("idle", session.id)
+    store.forget_deadline("idle", session.id)
 
     store.update(session.id, replace)  # a fresh copy: written back, so re-indexed
 
     assert store.due("idle", NOW + IDLE, 10) == [session.id]
+
+
+def test_reindex_rewrites_the_deadlines_of_an_unchanged_session(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session()
+    store.add(session)
+    client.zadd("labvirt:deadline:idle", {session.id: NOW})  # stale, as a crashed writer left it
+
+    store.update(session.id, lambda s: s, reindex=True)
+
+    assert deadline(client, "idle", session.id) == NOW + IDLE
+
+
+# -- regions, restores, events and the user lock ---------------------------------------------
+
+
+def test_region_sessions_are_the_live_ones_and_forget_lost_documents(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    live = new_session(state=R)
+    ending = new_session(user="bob", state=T)
+    done = new_session(user="carol", state=E)
+    lost = new_session(user="dave")
+    for session in (live, ending, done, lost):
+        store.add(session)
+    client.delete(f"labvirt:session:{lost.id}")
+
+    assert set(store.region_sessions("local")) == {live.id, ending.id}
+    assert store.region_sessions("elsewhere") == {}
+    assert client.sismember("labvirt:live:local", lost.id) == 0
+
+
+def test_restore_stores_once_and_announces_nothing(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session(state=R)
+
+    assert store.restore(session) is True
+    assert store.restore(replace(session, user="mallory")) is False
+
+    assert store.require(session.id) == session
+    assert deadline(client, "idle", session.id) == NOW + IDLE
+    assert client.exists(f"labvirt:events:{session.id}") == 0
+
+
+def test_each_state_change_appends_one_event_in_the_same_transaction(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session()
+    store.add(session)
+    store.update(session.id, lambda s: s.seen(NOW + 5))  # no state change: no event
+    store.update(session.id, lambda s: s.transition(R, at=NOW + 10))
+    store.update(session.id, lambda s: s.transition(T, at=NOW + 20, reason="closed"))
+    store.update(session.id, lambda s: s.transition(E, at=NOW + 30))  # nothing new for learners
+
+    entries = client.xrange(f"labvirt:events:{session.id}")
+    stages = [fields[b"stage"].decode() for _, fields in entries]
+    assert stages == ["queued", "ready", "ended"]
+    assert b'"reason":"closed"' in entries[-1][1][b"detail"]
+
+
+def test_a_failed_change_appends_no_event(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    session = new_session()
+    store.add(session)
+
+    def broken(current: Session) -> Session:
+        current.transition(R, at=NOW)
+        raise RuntimeError("the writer died before committing")
+
+    with pytest.raises(RuntimeError):
+        store.update(session.id, broken)
+
+    assert client.xlen(f"labvirt:events:{session.id}") == 1  # queued only
+
+
+def test_the_user_lock_admits_one_holder_at_a_time(store: RedisSessionStore) -> None:
+    order: list[str] = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def first() -> None:
+        with store.user_lock("alice"):
+            order.append("first in")
+            inside.set()
+            release.wait(5)
+            order.append("first out")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    inside.wait(5)
+    with pytest.raises(UserBusy), store.user_lock("alice", wait_seconds=0.05):
+        pass
+    with store.user_lock("bob", wait_seconds=0.05):  # another user is not held up
+        order.append("bob")
+    release.set()
+    with store.user_lock("alice", wait_seconds=5):
+        order.append("second in")
+    thread.join(5)
+
+    assert order == ["first in", "bob", "first out", "second in"]
+
+
+def test_the_user_lock_expires_if_its_holder_dies(
+    store: RedisSessionStore, client: fakeredis.FakeRedis
+) -> None:
+    client.set("labvirt:user-lock:alice", "a dead holder", px=50)
+
+    with store.user_lock("alice", wait_seconds=2):
+        assert client.get("labvirt:user-lock:alice") != b"a dead holder"
+    assert client.exists("labvirt:user-lock:alice") == 0
 
 
 # -- concurrency -----------------------------------------------------------------------------

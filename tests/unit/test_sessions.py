@@ -341,6 +341,11 @@ sessions = st.builds(
     reason=st.none() | short_text,
     vms=st.lists(vm_views, max_size=3).map(tuple),
     history=st.lists(transitions, max_size=HISTORY_LIMIT).map(tuple),
+    hard_expires_at=st.none() | finite,
+    extend_step_seconds=st.integers(min_value=0, max_value=10**9),
+    startup_expires_at=st.none() | finite,
+    warned_for=st.none() | finite,
+    teardown_requested_at=st.none() | finite,
 )
 
 

@@ -1,0 +1,216 @@
+"""The prewarmer's tick: for every pool, desired level vs what it holds, and the difference.
+
+Level-triggered: each tick reads the pool, asks the domain for a target and a plan, retires
+what the plan retires and reserves what it creates, then enqueues the work by task name. A
+tick that runs twice, or two prewarmers at once, do no harm: a per-pool lock keeps them apart,
+and should it expire mid-tick the reservation itself re-checks the pool's level atomically.
+The clock and the queue are injected, so the sizing benchmark drives this same code on a
+simulated clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from shared.adapters.pool_store import PoolStore
+from shared.domain.pools import (
+    DEFAULT_REFILL_SECONDS,
+    Demand,
+    PoolKey,
+    PoolMode,
+    PrewarmLimits,
+    WarmEnvironment,
+    new_warm_environment,
+    plan_pool,
+    pool_target,
+)
+from shared.domain.templates import Template
+from shared.jobs import BIND_ENVIRONMENT, PREWARM_ENVIRONMENT, RETIRE_ENVIRONMENT
+
+log = structlog.get_logger(__name__)
+
+# A booting environment gets its template's startup timeout plus this before it counts as lost.
+BOOT_TIMEOUT_MARGIN_SECONDS: Final = 60.0
+# A claim whose VMIs are still unlabelled after this long lost its bind (or its session).
+UNBOUND_CLAIM_GRACE_SECONDS: Final = 120.0
+
+# (task name, arguments): how the prewarmer hands work to workers.
+Enqueue = Callable[[str, list[Any]], None]
+# Whether a claimed environment's session still exists and holds it.
+ClaimIsLive = Callable[[WarmEnvironment], bool]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolOutcome:
+    key: PoolKey
+    target: int = 0
+    ready: int = 0
+    booting: int = 0
+    created: int = 0
+    retired: int = 0
+    blocked: str | None = None
+    skipped: bool = False  # another prewarmer held this pool's lock
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrewarmSettings:
+    tick_seconds: float
+    batch: int
+    max_in_flight: int
+    max_warm_age: float
+
+
+class Prewarmer:
+    def __init__(
+        self,
+        *,
+        store: PoolStore,
+        templates: Mapping[str, Template],
+        regions: Sequence[str],
+        settings: PrewarmSettings,
+        enqueue: Enqueue,
+        clock: Callable[[], float] = time.time,
+        claim_is_live: ClaimIsLive | None = None,
+    ) -> None:
+        self._store = store
+        self._templates = templates
+        self._regions = regions
+        self._settings = settings
+        self._enqueue = enqueue
+        self._clock = clock
+        self._claim_is_live = claim_is_live
+
+    def tick(self) -> list[PoolOutcome]:
+        """Reconcile every pool of every region once."""
+        now = self._clock()
+        paused = self._store.globally_paused()
+        outcomes = []
+        for region in self._regions:
+            keys = [PoolKey(region, name) for name in sorted(self._templates)]
+            # The cluster is shared: VMIs of one pool waiting for room stop every pool's growth.
+            capacity_blocked = any(
+                booting.unschedulable
+                for key in keys
+                for booting in self._store.snapshot(key).booting
+            )
+            outcomes += [
+                self.reconcile(key, now=now, paused=paused, capacity_blocked=capacity_blocked)
+                for key in keys
+            ]
+        return outcomes
+
+    def reconcile(
+        self, key: PoolKey, *, now: float, paused: bool = False, capacity_blocked: bool = False
+    ) -> PoolOutcome:
+        template = self._templates[key.template]
+        lock_seconds = max(10.0, 2 * self._settings.tick_seconds)
+        with self._store.lock(key, seconds=lock_seconds) as held:
+            if not held:
+                return PoolOutcome(key=key, skipped=True)
+            return self._reconcile(
+                key, template, now=now, paused=paused, capacity_blocked=capacity_blocked
+            )
+
+    def _reconcile(
+        self,
+        key: PoolKey,
+        template: Template,
+        *,
+        now: float,
+        paused: bool,
+        capacity_blocked: bool,
+    ) -> PoolOutcome:
+        config = self._store.config(key, default=template.pool)
+        self._store.fold_profile(key, now=now)
+        snapshot = self._store.snapshot(key)
+        demand = self._store.demand(key, now=now) if config.mode is PoolMode.ADAPTIVE else Demand()
+        target = pool_target(
+            config,
+            demand,
+            now=now,
+            refill_seconds=(
+                snapshot.refill_seconds
+                if snapshot.refill_seconds is not None
+                else DEFAULT_REFILL_SECONDS
+            ),
+            tick_seconds=self._settings.tick_seconds,
+        )
+        if snapshot.target != target:
+            self._store.set_target(key, target)
+        limits = PrewarmLimits(
+            batch=self._settings.batch,
+            max_in_flight=self._settings.max_in_flight,
+            max_warm_age=self._settings.max_warm_age,
+            boot_timeout=template.startup_timeout_seconds + BOOT_TIMEOUT_MARGIN_SECONDS,
+        )
+        plan = plan_pool(
+            now=now,
+            target=target,
+            mode=config.mode,
+            paused=paused or config.paused,
+            ready=snapshot.ready,
+            booting=snapshot.booting,
+            health=snapshot.health,
+            limits=limits,
+            capacity_blocked=capacity_blocked,
+        )
+        retired = 0
+        for retirement in plan.retire:
+            if self._store.retire(key, retirement.env_id):
+                retired += 1
+                self._enqueue(RETIRE_ENVIRONMENT, [retirement.env_id, key.region])
+                log.info(
+                    "pool.retired",
+                    pool=str(key),
+                    environment_id=retirement.env_id,
+                    reason=retirement.reason.value,
+                )
+        created = 0
+        if plan.create:
+            wanted = [new_warm_environment(key=key, now=now) for _ in range(plan.create)]
+            reserved = self._store.reserve(
+                key, wanted, ceiling=plan.ceiling, max_in_flight=limits.max_in_flight
+            )
+            for env in reserved:
+                self._enqueue(PREWARM_ENVIRONMENT, [env.id])
+            created = len(reserved)
+        if self._claim_is_live is not None:
+            self._sweep_unbound_claims(key, now=now)
+        if created or retired or plan.blocked:
+            log.info(
+                "pool.reconciled",
+                pool=str(key),
+                target=target,
+                ready=len(snapshot.ready),
+                booting=len(snapshot.booting),
+                created=created,
+                retired=retired,
+                blocked=plan.blocked.value if plan.blocked else None,
+            )
+        return PoolOutcome(
+            key=key,
+            target=target,
+            ready=len(snapshot.ready),
+            booting=len(snapshot.booting),
+            created=created,
+            retired=retired,
+            blocked=plan.blocked.value if plan.blocked else None,
+        )
+
+    def _sweep_unbound_claims(self, key: PoolKey, *, now: float) -> None:
+        """Claims whose VMIs were never relabelled: bind again, or remove what nobody holds
+        (the API stopped between the claim and storing the session)."""
+        assert self._claim_is_live is not None
+        for env in self._store.unbound_claims(key, before=now - UNBOUND_CLAIM_GRACE_SECONDS):
+            if env.session_id is not None and self._claim_is_live(env):
+                self._enqueue(BIND_ENVIRONMENT, [env.session_id])
+                log.warning("pool.bind_again", pool=str(key), environment_id=env.id)
+            else:
+                self._enqueue(RETIRE_ENVIRONMENT, [env.id, key.region])
+                log.warning("pool.orphaned_claim", pool=str(key), environment_id=env.id)
+            self._store.bound(key, env.id)

@@ -1,0 +1,535 @@
+"""Warm pools in Redis: what each pool holds, and the atomic steps that move an environment.
+
+Per pool (``labvirt:pool:{region}:{template}:*``): ``ready`` (sorted set, env id -> ready at),
+``inflight`` (env id -> reserved at), ``claimed`` (claimed environments whose VMIs are not yet
+relabelled: env id -> claimed at), ``config`` (JSON), ``health`` (hash: failures, refill time,
+last target), ``arrivals`` (session id -> claim time), ``profile`` (hash: slot of the week ->
+JSON) and a short ``lock``. Per environment: ``labvirt:env:{id}``, a hash (state, region,
+template, token, times, VMs as JSON); a hash rather than one JSON document, so a Lua script
+can flip its state without decoding it.
+
+Every move that two processes could race on is one Lua script: a claim pops exactly one ready
+environment for exactly one session; a reservation checks the pool's level and adds booting
+environments in the same step, so two prewarmers cannot both fill the same gap; marking ready
+and retiring succeed only from the states the domain allows. The scripts build the environment
+keys from a prefix, which is fine on one Redis (not on Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, cast
+
+import redis
+
+from shared.adapters.pool_counters import PoolCounters
+from shared.domain.pools import (
+    PEAK_WINDOW_SECONDS,
+    RECENT_WINDOW_SECONDS,
+    SLOT_SECONDS,
+    BootingEntry,
+    Demand,
+    EnvironmentState,
+    PoolConfig,
+    PoolHealth,
+    PoolKey,
+    ReadyEntry,
+    SlotDemand,
+    WarmEnvironment,
+    absolute_slot,
+    fold_slot,
+    next_refill_estimate,
+    slot_of_week,
+    summarise_slot,
+)
+from shared.domain.sessions import VmView
+
+# Claims arrivals are kept this long: the recent window, and time to fold a finished slot.
+ARRIVAL_RETENTION_SECONDS: Final = 3600
+# A claimed environment's record outlives any session that may hold it.
+CLAIMED_RECORD_SECONDS: Final = 2 * 24 * 3600
+RETIRED_RECORD_SECONDS: Final = 3600
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSnapshot:
+    """What one pool holds at one moment."""
+
+    ready: tuple[ReadyEntry, ...]
+    booting: tuple[BootingEntry, ...]
+    health: PoolHealth
+    refill_seconds: float | None  # measured cold start (moving average); None until measured
+    target: int | None  # what the prewarmer last aimed for
+
+
+class PoolStore(Protocol):
+    """The port the API, the prewarmer and the provisioner use (Redis; in memory for the
+    sizing benchmark)."""
+
+    def config(self, key: PoolKey, *, default: PoolConfig) -> PoolConfig: ...
+    def set_config(self, key: PoolKey, config: PoolConfig) -> None: ...
+    def globally_paused(self) -> bool: ...
+    def set_globally_paused(self, paused: bool) -> None: ...
+    def snapshot(self, key: PoolKey) -> PoolSnapshot: ...
+    def set_target(self, key: PoolKey, target: int) -> None: ...
+    def reserve(
+        self,
+        key: PoolKey,
+        environments: Sequence[WarmEnvironment],
+        *,
+        ceiling: int,
+        max_in_flight: int,
+    ) -> list[WarmEnvironment]: ...
+    def environment(self, env_id: str) -> WarmEnvironment | None: ...
+    def mark_ready(
+        self, key: PoolKey, env_id: str, *, vms: Sequence[VmView], at: float
+    ) -> bool: ...
+    def mark_unschedulable(self, env_id: str, *, unschedulable: bool) -> None: ...
+    def retire(self, key: PoolKey, env_id: str) -> bool: ...
+    def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None: ...
+    def unbound_claims(self, key: PoolKey, *, before: float) -> list[WarmEnvironment]: ...
+    def bound(self, key: PoolKey, env_id: str) -> None: ...
+    def record_success(self, key: PoolKey, *, refill_seconds: float) -> None: ...
+    def record_failure(self, key: PoolKey, *, at: float) -> None: ...
+    def record_claim(self, key: PoolKey, *, session_id: str, hit: bool, at: float) -> None: ...
+    def fold_profile(self, key: PoolKey, *, now: float) -> int: ...
+    def demand(self, key: PoolKey, *, now: float) -> Demand: ...
+    def lock(self, key: PoolKey, *, seconds: float) -> AbstractContextManager[bool]: ...
+
+
+_CLAIM: Final = """
+-- KEYS: ready, claimed. ARGV: env key prefix, session id, now, claimed record ttl.
+while true do
+  local popped = redis.call('ZPOPMIN', KEYS[1])
+  if #popped == 0 then return false end
+  local env_key = ARGV[1] .. popped[1]
+  if redis.call('HGET', env_key, 'state') == 'ready' then
+    redis.call('HSET', env_key, 'state', 'claimed', 'session_id', ARGV[2], 'claimed_at', ARGV[3])
+    redis.call('EXPIRE', env_key, ARGV[4])
+    redis.call('ZADD', KEYS[2], ARGV[3], popped[1])
+    local record = redis.call('HGETALL', env_key)
+    table.insert(record, 1, popped[1])
+    return record
+  end
+end
+"""
+
+_RESERVE: Final = """
+-- KEYS: ready, inflight, known pools. ARGV: ceiling, max in flight, env key prefix, now, region,
+-- template, then (env id, token) pairs. Adds what fits under both bounds; returns the ids added.
+local booting = redis.call('ZCARD', KEYS[2])
+local held = redis.call('ZCARD', KEYS[1]) + booting
+local room = math.min(tonumber(ARGV[1]) - held, tonumber(ARGV[2]) - booting)
+local added = {}
+local i = 7
+while room > 0 and ARGV[i] do
+  local env_key = ARGV[3] .. ARGV[i]
+  if redis.call('EXISTS', env_key) == 0 then
+    redis.call('HSET', env_key, 'state', 'booting', 'region', ARGV[5], 'template', ARGV[6],
+      'token', ARGV[i + 1], 'created_at', ARGV[4], 'unschedulable', '0')
+    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[i])
+    redis.call('SADD', KEYS[3], ARGV[5] .. '/' .. ARGV[6])
+    added[#added + 1] = ARGV[i]
+    room = room - 1
+  end
+  i = i + 2
+end
+return added
+"""
+
+_MARK_READY: Final = """
+-- KEYS: inflight, ready, env key. ARGV: env id, now, VMs as JSON.
+if redis.call('HGET', KEYS[3], 'state') ~= 'booting' then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[3], 'state', 'ready', 'ready_at', ARGV[2], 'vms', ARGV[3],
+  'unschedulable', '0')
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+
+_RETIRE: Final = """
+-- KEYS: ready, inflight, env key. ARGV: env id, retired record ttl.
+local state = redis.call('HGET', KEYS[3], 'state')
+local removed = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
+if state == 'booting' or state == 'ready' then
+  redis.call('HSET', KEYS[3], 'state', 'retired')
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  return 1
+end
+if not state and removed > 0 then return 1 end
+return 0
+"""
+
+_MARK_UNSCHEDULABLE: Final = """
+-- KEYS: env key. ARGV: '1' or '0'.
+if redis.call('HGET', KEYS[1], 'state') ~= 'booting' then return 0 end
+redis.call('HSET', KEYS[1], 'unschedulable', ARGV[1])
+return 1
+"""
+
+_UNLOCK: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisPoolStore:
+    def __init__(self, client: redis.Redis, *, prefix: str = "labvirt") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self.counters = PoolCounters(client, prefix=prefix)
+        self._claim = client.register_script(_CLAIM)
+        self._reserve = client.register_script(_RESERVE)
+        self._mark_ready = client.register_script(_MARK_READY)
+        self._retire = client.register_script(_RETIRE)
+        self._mark_unschedulable = client.register_script(_MARK_UNSCHEDULABLE)
+        self._unlock = client.register_script(_UNLOCK)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _pool(self, key: PoolKey, part: str) -> str:
+        return f"{self._prefix}:pool:{key.region}:{key.template}:{part}"
+
+    @property
+    def _env_prefix(self) -> str:
+        return f"{self._prefix}:env:"
+
+    def _env(self, env_id: str) -> str:
+        return self._env_prefix + env_id
+
+    @property
+    def _known(self) -> str:
+        """Every pool that ever held an environment, as ``region/template``."""
+        return f"{self._prefix}:pools:known"
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def config(self, key: PoolKey, *, default: PoolConfig) -> PoolConfig:
+        """The admin's configuration of the pool, or ``default`` (the template's)."""
+        raw = self._redis.get(self._pool(key, "config"))
+        return default if raw is None else PoolConfig.from_dict(json.loads(raw))
+
+    def set_config(self, key: PoolKey, config: PoolConfig) -> None:
+        pipe = self._redis.pipeline()
+        pipe.set(self._pool(key, "config"), json.dumps(config.to_dict()))
+        pipe.sadd(self._known, f"{key.region}/{key.template}")
+        pipe.execute()
+
+    def globally_paused(self) -> bool:
+        return bool(self._redis.exists(f"{self._prefix}:pools:paused"))
+
+    def set_globally_paused(self, paused: bool) -> None:
+        if paused:
+            self._redis.set(f"{self._prefix}:pools:paused", "1")
+        else:
+            self._redis.delete(f"{self._prefix}:pools:paused")
+
+    # -- levels -------------------------------------------------------------------------------
+
+    def snapshot(self, key: PoolKey) -> PoolSnapshot:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self._pool(key, "ready"), 0, -1, withscores=True)
+        pipe.zrange(self._pool(key, "inflight"), 0, -1, withscores=True)
+        pipe.hgetall(self._pool(key, "health"))
+        ready_raw, booting_raw, health_raw = pipe.execute()
+        flags_pipe = self._redis.pipeline(transaction=False)
+        for env_id, _ in booting_raw:
+            flags_pipe.hget(self._env(_text(env_id)), "unschedulable")
+        flags = flags_pipe.execute() if booting_raw else []
+        health = {_text(k): _text(v) for k, v in health_raw.items()}
+        return PoolSnapshot(
+            ready=tuple(ReadyEntry(_text(e), float(s)) for e, s in ready_raw),
+            booting=tuple(
+                BootingEntry(_text(e), float(s), unschedulable=_text(flag or b"0") == "1")
+                for (e, s), flag in zip(booting_raw, flags, strict=True)
+            ),
+            health=PoolHealth(
+                failures=int(health.get("failures", 0)),
+                last_failure_at=_optional_float(health.get("last_failure_at")),
+            ),
+            refill_seconds=_optional_float(health.get("refill_seconds")),
+            target=None if "target" not in health else int(health["target"]),
+        )
+
+    def set_target(self, key: PoolKey, target: int) -> None:
+        self._redis.hset(self._pool(key, "health"), "target", str(target))
+
+    # -- environments -------------------------------------------------------------------------
+
+    def reserve(
+        self,
+        key: PoolKey,
+        environments: Sequence[WarmEnvironment],
+        *,
+        ceiling: int,
+        max_in_flight: int,
+    ) -> list[WarmEnvironment]:
+        """Add booting environments while the pool stays within ``ceiling`` (ready + booting)
+        and ``max_in_flight`` (booting); checked and added in one step. Returns those added."""
+        if not environments:
+            return []
+        now = environments[0].created_at
+        args: list[Any] = [ceiling, max_in_flight, self._env_prefix, repr(now)]
+        args += [key.region, key.template]
+        for env in environments:
+            if (env.region, env.template) != (key.region, key.template):
+                raise ValueError(f"environment {env.id} does not belong to pool {key}")
+            args += [env.id, env.token]
+        added = {
+            _text(e)
+            for e in self._reserve(
+                keys=[self._pool(key, "ready"), self._pool(key, "inflight"), self._known],
+                args=args,
+            )
+        }
+        return [env for env in environments if env.id in added]
+
+    def environment(self, env_id: str) -> WarmEnvironment | None:
+        raw = self._redis.hgetall(self._env(env_id))
+        return _decode_environment(env_id, raw) if raw else None
+
+    def mark_ready(self, key: PoolKey, env_id: str, *, vms: Sequence[VmView], at: float) -> bool:
+        """Booting -> ready; False when the environment was retired meanwhile."""
+        encoded = json.dumps([vm.to_dict() for vm in vms], separators=(",", ":"))
+        return bool(
+            self._mark_ready(
+                keys=[self._pool(key, "inflight"), self._pool(key, "ready"), self._env(env_id)],
+                args=[env_id, repr(at), encoded],
+            )
+        )
+
+    def mark_unschedulable(self, env_id: str, *, unschedulable: bool) -> None:
+        self._mark_unschedulable(keys=[self._env(env_id)], args=["1" if unschedulable else "0"])
+
+    def retire(self, key: PoolKey, env_id: str) -> bool:
+        """Take a booting or ready environment out of the pool; True for exactly one caller,
+        which then removes its objects from the cluster."""
+        return bool(
+            self._retire(
+                keys=[self._pool(key, "ready"), self._pool(key, "inflight"), self._env(env_id)],
+                args=[env_id, RETIRED_RECORD_SECONDS],
+            )
+        )
+
+    def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None:
+        """The oldest ready environment, now claimed by ``session_id``; None when none is ready.
+
+        One script: no two sessions ever get the same environment.
+        """
+        raw = self._claim(
+            keys=[self._pool(key, "ready"), self._pool(key, "claimed")],
+            args=[self._env_prefix, session_id, repr(at), CLAIMED_RECORD_SECONDS],
+        )
+        if not raw:
+            return None
+        env_id, *pairs = cast(list[bytes], raw)
+        fields = {pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)}
+        return _decode_environment(_text(env_id), fields)
+
+    def unbound_claims(self, key: PoolKey, *, before: float) -> list[WarmEnvironment]:
+        """Claimed environments not yet relabelled for their session, claimed before ``before``."""
+        ids = cast(
+            list[bytes], self._redis.zrangebyscore(self._pool(key, "claimed"), "-inf", before)
+        )
+        found = []
+        for raw_id in ids:
+            env_id = _text(raw_id)
+            env = self.environment(env_id)
+            if env is None:
+                self.bound(key, env_id)
+            else:
+                found.append(env)
+        return found
+
+    def bound(self, key: PoolKey, env_id: str) -> None:
+        """The claimed environment's VMIs carry its session now (or it was dealt with)."""
+        self._redis.zrem(self._pool(key, "claimed"), env_id)
+
+    # -- health -------------------------------------------------------------------------------
+
+    def record_success(self, key: PoolKey, *, refill_seconds: float) -> None:
+        health = self._pool(key, "health")
+
+        def attempt(pipe: Any) -> None:
+            previous = _optional_float(_maybe_text(pipe.hget(health, "refill_seconds")))
+            estimate = next_refill_estimate(previous, refill_seconds)
+            pipe.multi()
+            pipe.hset(health, mapping={"failures": "0", "refill_seconds": repr(estimate)})
+            pipe.hdel(health, "last_failure_at")
+
+        self._redis.transaction(attempt, health)
+
+    def record_failure(self, key: PoolKey, *, at: float) -> None:
+        health = self._pool(key, "health")
+        pipe = self._redis.pipeline()
+        pipe.hincrby(health, "failures", 1)
+        pipe.hset(health, "last_failure_at", repr(at))
+        pipe.execute()
+
+    # -- demand -------------------------------------------------------------------------------
+
+    def record_claim(self, key: PoolKey, *, session_id: str, hit: bool, at: float) -> None:
+        """One create asked this pool: its arrival (for sizing) and whether it was warm."""
+        arrivals = self._pool(key, "arrivals")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(arrivals, {session_id: at})
+        pipe.zremrangebyscore(arrivals, "-inf", at - ARRIVAL_RETENTION_SECONDS)
+        pipe.expire(arrivals, ARRIVAL_RETENTION_SECONDS)
+        self.counters.count(pipe, key, hit=hit, at=at)
+        pipe.execute()
+
+    def fold_profile(self, key: PoolKey, *, now: float) -> int:
+        """Fold every finished slot not folded yet into the week profile, exactly once (a
+        WATCHed transaction); returns how many slots were folded."""
+        profile = self._pool(key, "profile")
+        arrivals = self._pool(key, "arrivals")
+        current = absolute_slot(now)
+        # Slots whose arrivals may already be trimmed are skipped, not folded as empty.
+        oldest = absolute_slot(now - ARRIVAL_RETENTION_SECONDS) + 1
+        folded = self._redis.hget(profile, "folded")
+        if folded is not None and int(folded) >= current - 1:
+            return 0  # the usual tick: nothing finished since the last fold
+
+        def attempt(pipe: Any) -> int:
+            folded_raw = pipe.hget(profile, "folded")
+            first = max(oldest, int(folded_raw) + 1 if folded_raw is not None else current - 1)
+            updates: dict[str, str] = {}
+            for slot in range(first, current):
+                start = slot * SLOT_SECONDS
+                times = [
+                    float(score)
+                    for _, score in pipe.zrangebyscore(
+                        arrivals,
+                        start - PEAK_WINDOW_SECONDS,
+                        f"({start + SLOT_SECONDS}",
+                        withscores=True,
+                    )
+                ]
+                claims, peak = summarise_slot(times, start=start)
+                field = str(slot_of_week(slot))
+                previous_raw = pipe.hget(profile, field)
+                previous = (
+                    None if previous_raw is None else SlotDemand.from_dict(json.loads(previous_raw))
+                )
+                updates[field] = json.dumps(fold_slot(previous, claims=claims, peak=peak).to_dict())
+            pipe.multi()
+            updates["folded"] = str(current - 1)
+            pipe.hset(profile, mapping=updates)
+            return len(updates) - 1
+
+        folds = self._redis.transaction(attempt, profile, value_from_callable=True)  # type: ignore[arg-type]
+        return cast(int, folds)
+
+    def demand(self, key: PoolKey, *, now: float) -> Demand:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrangebyscore(
+            self._pool(key, "arrivals"), now - RECENT_WINDOW_SECONDS, now, withscores=True
+        )
+        pipe.hgetall(self._pool(key, "profile"))
+        arrivals_raw, profile_raw = pipe.execute()
+        profile = {
+            int(_text(slot)): SlotDemand.from_dict(json.loads(value))
+            for slot, value in profile_raw.items()
+            if _text(slot) != "folded"
+        }
+        claims, misses = self.counters.last_hour(key, now=now)
+        return Demand(
+            arrivals=tuple(float(score) for _, score in arrivals_raw),
+            profile=profile,
+            claims_last_hour=claims,
+            misses_last_hour=misses,
+        )
+
+    # -- what the reconciler asks (services.reaper.reconcile.PoolOwnership) ------------------
+
+    def owned_environment_ids(self, region: str) -> set[str]:
+        """Environments the pools of ``region`` hold: booting, ready, or claimed and not yet
+        relabelled for their session (their VMIs still carry only the pool's label)."""
+        members = [_text(m) for m in cast(set[bytes], self._redis.smembers(self._known))]
+        pipe = self._redis.pipeline(transaction=False)
+        for member in members:
+            pool_region, _, template = member.rpartition("/")
+            if pool_region != region:
+                continue
+            key = PoolKey(region, template)
+            for part in ("ready", "inflight", "claimed"):
+                pipe.zrange(self._pool(key, part), 0, -1)
+        return {_text(env_id) for ids in pipe.execute() for env_id in ids}
+
+    def restore_environment(
+        self, *, region: str, template: str, environment_id: str, created_at: float, ready: bool
+    ) -> bool:
+        """Take back a ready pool environment the cluster shows but Redis forgot (after a data
+        loss). Its VM views are not known here: the claim's bind task fills them in. A booting
+        one is not taken back (no task follows it any more); the reconciler deletes it."""
+        if not ready:
+            return False
+        key = PoolKey(region, template)
+        env_key = self._env(environment_id)
+        if not self._redis.hsetnx(env_key, "state", EnvironmentState.READY.value):
+            state = self._redis.hget(env_key, "state")
+            return state is not None and _text(state) != EnvironmentState.RETIRED.value
+        pipe = self._redis.pipeline()
+        pipe.hset(
+            env_key,
+            mapping={
+                "region": region,
+                "template": template,
+                "token": "",
+                "created_at": repr(created_at),
+                "ready_at": repr(created_at),
+                "unschedulable": "0",
+            },
+        )
+        pipe.zadd(self._pool(key, "ready"), {environment_id: created_at})
+        pipe.sadd(self._known, f"{region}/{template}")
+        pipe.execute()
+        return True
+
+    # -- the prewarmer's lock -----------------------------------------------------------------
+
+    @contextmanager
+    def lock(self, key: PoolKey, *, seconds: float) -> Iterator[bool]:
+        """True inside when this caller holds the pool's lock (expires after ``seconds``)."""
+        name = self._pool(key, "lock")
+        token = secrets.token_hex(8)
+        acquired = bool(self._redis.set(name, token, nx=True, px=max(1, int(seconds * 1000))))
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._unlock(keys=[name], args=[token])
+
+
+def _decode_environment(env_id: str, raw: dict[Any, Any]) -> WarmEnvironment:
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    vms = json.loads(fields["vms"]) if fields.get("vms") else []
+    return WarmEnvironment(
+        id=env_id,
+        region=fields.get("region", ""),
+        template=fields.get("template", ""),
+        token=fields.get("token", ""),
+        created_at=float(fields.get("created_at", 0.0)),
+        state=EnvironmentState(fields.get("state", EnvironmentState.RETIRED)),
+        ready_at=_optional_float(fields.get("ready_at")),
+        vms=tuple(VmView.from_dict(vm) for vm in vms),
+        session_id=fields.get("session_id"),
+        claimed_at=_optional_float(fields.get("claimed_at")),
+        unschedulable=fields.get("unschedulable") == "1",
+    )
+
+
+def _optional_float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _maybe_text(value: bytes | str | None) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,73 @@
+"""A session's progress events in a Redis Stream: appended by every service, read by the API.
+
+One stream per session (``XADD ... MAXLEN ~``), so the log stays short and goes away with the
+session. The stream id is the event id: a client that reconnects with ``Last-Event-ID`` reads on
+from exactly there (``XREAD`` after an id), so nothing is missed or repeated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final, cast
+
+import redis
+
+from shared.domain.lifecycle import ProgressEvent
+
+PREFIX: Final = "labvirt"
+# A session's whole life is a few dozen events; the cap only guards against a runaway writer.
+STREAM_MAXLEN: Final = 200
+# Kept as long as a finished session's document (the longest-lived session is far shorter).
+STREAM_RETENTION_SECONDS: Final = 24 * 3600
+START: Final = "0-0"
+_STREAM_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+def events_key(session_id: str) -> str:
+    return f"{PREFIX}:events:{session_id}"
+
+
+def is_event_id(text: str) -> bool:
+    return _STREAM_ID.fullmatch(text) is not None
+
+
+def append(pipe: Any, session_id: str, event: ProgressEvent) -> None:
+    """Queue the append on ``pipe`` (a client or a MULTI), e.g. beside the change it reports."""
+    key = events_key(session_id)
+    pipe.xadd(key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(key, STREAM_RETENTION_SECONDS)
+
+
+class SessionEvents:
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+
+    def emit(self, session_id: str, event: ProgressEvent) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        append(pipe, session_id, event)
+        pipe.execute()
+
+    def read(
+        self, session_id: str, *, after: str = START, block_seconds: float | None = None
+    ) -> list[tuple[str, ProgressEvent]]:
+        """Events after ``after``, oldest first; waits up to ``block_seconds`` for the first."""
+        block = None if block_seconds is None else max(1, int(block_seconds * 1000))
+        answer = self._redis.xread({events_key(session_id): after}, count=100, block=block)
+        events: list[tuple[str, ProgressEvent]] = []
+        for _stream, entries in cast(list[Any], answer or []):
+            for entry_id, fields in entries:
+                decoded = {_text(k): _text(v) for k, v in fields.items()}
+                events.append((_text(entry_id), ProgressEvent.from_fields(decoded)))
+        return events
+
+    def history(self, session_id: str) -> list[tuple[str, ProgressEvent]]:
+        """Every event still kept for the session (tests and debugging)."""
+        entries = self._redis.xrange(events_key(session_id))
+        return [
+            (_text(entry_id), ProgressEvent.from_fields({_text(k): _text(v) for k, v in f.items()}))
+            for entry_id, f in cast(list[Any], entries)
+        ]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

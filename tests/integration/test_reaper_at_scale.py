@@ -1,0 +1,104 @@
+"""1,000 sessions expiring at once, three reapers ticking together against a real Redis.
+
+Each reaper is a thread with its own connection running the real tick (``reap_expired``, as the
+``labvirt.reap`` task does); "enqueueing" a teardown is counted per session. All 1,000 must be
+torn down within two ticks, each exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from services.reaper.tasks import reap_expired
+from shared.adapters.session_store import RedisSessionStore
+from shared.config import Settings
+from shared.domain.sessions import SessionState, open_session
+from tests.conftest import claim_redis_database
+
+EXPIRING = 1000
+LIVE = 200
+REAPERS = 3
+NOW = 1_700_000_000.0
+BATCH = Settings().reaper_batch  # the production default: 500 per deadline kind per tick
+INTERVAL = Settings().reaper_interval_seconds
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    with claim_redis_database() as url:
+        yield url
+
+
+def seed(store: RedisSessionStore) -> list[str]:
+    expiring = []
+    for i in range(EXPIRING + LIVE):
+        lifetime = 100 if i < EXPIRING else 100_000
+        session, _ = open_session(
+            user=f"user{i}",
+            template="ubuntu",
+            region="local",
+            max_lifetime_seconds=lifetime,
+            idle_timeout_seconds=100_000,
+            now=NOW,
+        )
+        store.add(session.transition(SessionState.READY, at=NOW))
+        if i < EXPIRING:
+            expiring.append(session.id)
+    return expiring
+
+
+def tick(url: str, now: float, enqueued: Counter[str], lock: threading.Lock) -> float:
+    """Three reapers at once, each with its own connection; returns the tick's wall time."""
+    barrier = threading.Barrier(REAPERS, timeout=30)
+    errors: list[BaseException] = []
+
+    def reaper(seed_: int) -> None:
+        client = redis.Redis.from_url(url)
+        try:
+            store = RedisSessionStore(client)
+            barrier.wait()
+            won = reap_expired(store, now=now, batch=BATCH, rng=random.Random(seed_))
+            with lock:
+                enqueued.update(won.teardowns)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=reaper, args=(n,)) for n in range(REAPERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    return time.perf_counter() - started
+
+
+def test_a_thousand_sessions_expiring_at_once_are_torn_down_once_within_two_ticks(
+    redis_db: str,
+) -> None:
+    store = RedisSessionStore(redis.Redis.from_url(redis_db))
+    expiring = seed(store)
+    location = redis_db
+    enqueued: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    first = tick(location, NOW + 100, enqueued, lock)
+    second = tick(location, NOW + 100 + INTERVAL, enqueued, lock)
+    third = tick(location, NOW + 100 + 2 * INTERVAL, enqueued, lock)
+
+    assert set(enqueued) == set(expiring)  # every one of them...
+    assert set(enqueued.values()) == {1}  # ...exactly once
+    assert store.count_deadlines("lifetime") == LIVE
+    states = Counter(s.state for s in store.get_many(expiring).values())
+    assert states == {SessionState.TERMINATING: EXPIRING}
+    # Each tick is well inside the interval it stands for, so "two ticks" is two ticks of time.
+    assert max(first, second, third) < INTERVAL, (first, second, third)

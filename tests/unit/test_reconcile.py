@@ -1,0 +1,379 @@
+"""The reconciler against the simulator over HTTP (on a thread) and fakeredis, with ``now`` in
+the test's hands: orphans, vanished and failed VMs, rebuilds after Redis lost its data, pools,
+and that a second pass does nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import fakeredis
+import pytest
+
+from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
+from services.provisioner.environments import Provisioner
+from services.reaper.reconcile import PoolOwnership, Reconciler, Report
+from shared.adapters.kube import KubeCluster
+from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.session_store import RedisSessionStore
+from shared.adapters.template_files import load_templates
+from shared.config import Cluster
+from shared.domain.lifecycle import clocks_for, extend, start_session
+from shared.domain.manifests import (
+    MANAGED_BY_SELECTOR,
+    POOL_LABEL,
+    build_environment,
+    environment_selector,
+)
+from shared.domain.recovery import EXPIRES_AT_ANNOTATION, session_annotations
+from shared.domain.sessions import Session, SessionState
+from shared.domain.vmi_status import is_ready
+
+# The shipped ubuntu template without its readiness probe (5 s initial delay): boots at once.
+_SHIPPED = load_templates(None)["ubuntu"]
+TEMPLATES = {
+    "ubuntu": dataclasses.replace(
+        _SHIPPED, vms=tuple(dataclasses.replace(vm, readiness_probe=None) for vm in _SHIPPED.vms)
+    )
+}
+GRACE = 60.0
+NAMESPACE = "default"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimHandle]:
+    with running_simulator_in_thread(
+        tmp_path_factory.mktemp("reconcile-sim"), boot_seconds=0.2, seed=3
+    ) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def cluster(sim: SimHandle) -> Iterator[KubeCluster]:
+    kube = KubeCluster(Cluster("local", sim.kubeconfig_path, None, NAMESPACE))
+    yield kube
+    kube.close()
+
+
+@pytest.fixture(autouse=True)
+def empty_cluster(cluster: KubeCluster) -> Iterator[None]:
+    yield
+    cluster.delete_vmis(MANAGED_BY_SELECTOR)
+    cluster.delete_services(MANAGED_BY_SELECTOR)
+    wait_until(lambda: not cluster.list_vmis(MANAGED_BY_SELECTOR)[0], timeout=10)
+
+
+@pytest.fixture
+def store() -> RedisSessionStore:
+    return RedisSessionStore(fakeredis.FakeRedis())
+
+
+@dataclass
+class FakePools:
+    """The pools side as the reconciler sees it (``PoolOwnership``)."""
+
+    owned: set[str] = field(default_factory=set)
+    accept: bool = False
+    offered: list[dict[str, Any]] = field(default_factory=list)
+
+    def owned_environment_ids(self, region: str) -> Collection[str]:
+        return set(self.owned)
+
+    def restore_environment(self, **kwargs: Any) -> bool:
+        self.offered.append(kwargs)
+        if self.accept:
+            self.owned.add(kwargs["environment_id"])
+        return self.accept
+
+
+def reconciler(
+    store: RedisSessionStore, cluster: KubeCluster, pools: PoolOwnership | None = None
+) -> Reconciler:
+    return Reconciler(
+        sessions=store,
+        templates=TEMPLATES,
+        cluster_for=lambda region: cluster,
+        pools=pools,
+        orphan_grace_seconds=GRACE,
+    )
+
+
+def provisioned(store: RedisSessionStore, cluster: KubeCluster, *, user: str = "alice") -> Session:
+    """A session made the way the API and the provisioner make one, ready on the simulator."""
+    session, _ = start_session(
+        user=user,
+        template="ubuntu",
+        region="local",
+        clocks=clocks_for(TEMPLATES["ubuntu"]),
+        now=time.time(),
+    )
+    store.add(session)
+    outcome = Provisioner(
+        sessions=store, templates=TEMPLATES, cluster_for=lambda region: cluster
+    ).provision(session.id)
+    assert outcome.state is SessionState.READY, outcome
+    return store.require(session.id)
+
+
+def raw_vmi(cluster: KubeCluster, name: str, labels: dict[str, str]) -> None:
+    body = build_environment(
+        template=TEMPLATES["ubuntu"],
+        environment_id="e" + name.replace("-", "")[:20],
+        namespace=NAMESPACE,
+        session_id=None,
+        environment_token="abcdef.0123456789abcdef",
+    ).vmis[0]
+    body["metadata"] = {"name": name, "labels": labels}
+    cluster.create_vmi(body)
+
+
+def names(cluster: KubeCluster) -> set[str]:
+    return {v["metadata"]["name"] for v in cluster.list_vmis(MANAGED_BY_SELECTOR)[0]}
+
+
+def quiet(report: Report) -> bool:
+    return not report.changed and not report.teardowns and not report.provisions
+
+
+# -- orphans ---------------------------------------------------------------------------------
+
+
+def test_an_unowned_vmi_is_deleted_after_the_grace_time_only(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    raw_vmi(cluster, "stray", {"app.kubernetes.io/managed-by": "labvirt"})
+    raw_vmi(cluster, "not-ours", {"team": "someone-else"})
+    now = time.time()
+
+    early = reconciler(store, cluster).reconcile("local", now=now + GRACE - 5)
+    assert early.orphans_deleted == []
+    late = reconciler(store, cluster).reconcile("local", now=now + GRACE + 5)
+
+    assert late.orphans_deleted == ["stray"]
+    wait_until(lambda: "stray" not in names(cluster), timeout=10)
+    assert cluster.get_vmi("not-ours")["metadata"]["name"] == "not-ours"
+    cluster.delete_vmi("not-ours")
+
+
+def test_a_live_sessions_environment_is_kept_and_a_finished_ones_removed(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    live = provisioned(store, cluster, user="alice")
+    done = provisioned(store, cluster, user="bob")
+    store.update(done.id, lambda s: s.transition(SessionState.FAILED, at=time.time(), reason="x"))
+    later = time.time() + GRACE + 5
+
+    report = reconciler(store, cluster).reconcile("local", now=later)
+
+    assert set(report.orphans_deleted) == {f"lv-{done.environment_id}-ubuntu"}
+    wait_until(lambda: names(cluster) == {f"lv-{live.environment_id}-ubuntu"}, timeout=10)
+    assert quiet(reconciler(store, cluster).reconcile("local", now=later))
+
+
+# -- sessions whose VMs went away ------------------------------------------------------------
+
+
+def test_a_ready_session_whose_vmi_was_deleted_fails_with_a_reason(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    session = provisioned(store, cluster)
+    cluster.delete_vmis(environment_selector(session.environment_id))
+    wait_until(lambda: not names(cluster), timeout=10)
+
+    report = reconciler(store, cluster).reconcile("local", now=time.time())
+
+    assert report.failed == [session.id]
+    assert report.teardowns == [session.id]
+    failed = store.require(session.id)
+    assert failed.state is SessionState.FAILED
+    assert failed.reason == f"VM lv-{session.environment_id}-ubuntu vanished from the cluster"
+    assert quiet(reconciler(store, cluster).reconcile("local", now=time.time()))
+
+
+def test_a_vmi_being_deleted_under_a_ready_session_fails_it(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    session = provisioned(store, cluster)
+    vmi = cluster.get_vmi(f"lv-{session.environment_id}-ubuntu")
+    vmi["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"  # as a list may show it
+    reconcile = reconciler(store, cluster)
+
+    assert reconcile._problem(session, [vmi]) == (
+        f"VM lv-{session.environment_id}-ubuntu is being deleted"
+    )
+
+
+def test_a_session_whose_vm_crashed_fails(
+    store: RedisSessionStore, cluster: KubeCluster, sim: SimHandle
+) -> None:
+    session = provisioned(store, cluster)
+    name = f"lv-{session.environment_id}-ubuntu"
+    sim.crash(NAMESPACE, name)
+    wait_until(lambda: cluster.get_vmi(name)["status"]["phase"] == "Failed", timeout=10)
+
+    report = reconciler(store, cluster).reconcile("local", now=time.time())
+
+    assert report.failed == [session.id]
+    assert store.require(session.id).reason == f"VM {name} reached phase Failed"
+
+
+# -- Redis lost its data ---------------------------------------------------------------------
+
+
+def test_after_a_flush_two_passes_restore_every_live_session(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    sessions = [provisioned(store, cluster, user=f"user{i}") for i in range(3)]
+    store._redis.flushdb()
+    now = time.time()
+
+    first = reconciler(store, cluster).reconcile("local", now=now)
+    second = reconciler(store, cluster).reconcile("local", now=now + GRACE * 10)
+
+    assert sorted(first.restored) == sorted(s.id for s in sessions)
+    assert first.orphans_deleted == []
+    assert quiet(second)
+    for original in sessions:
+        restored = store.require(original.id)
+        assert restored.state is SessionState.READY
+        assert restored.token_hash == original.token_hash
+        assert restored.expires_at == pytest.approx(original.expires_at, abs=1)
+        assert store.deadline("lifetime", original.id) == restored.expires_at
+        assert {s.id for s in store.user_sessions(original.user)} == {original.id}
+    assert names(cluster) == {f"lv-{s.environment_id}-ubuntu" for s in sessions}
+
+
+def test_a_session_lost_while_booting_is_restored_and_provisioned_again(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    session, _ = start_session(
+        user="alice",
+        template="ubuntu",
+        region="local",
+        clocks=clocks_for(TEMPLATES["ubuntu"]),
+        now=time.time(),
+    )
+    manifests = build_environment(
+        template=TEMPLATES["ubuntu"],
+        environment_id=session.environment_id,
+        namespace=NAMESPACE,
+        session_id=session.id,
+        environment_token="abcdef.0123456789abcdef",
+        extra_annotations=session_annotations(session),
+    )
+    cluster.create_vmi(manifests.vmis[0])  # created, then Redis lost everything at once
+
+    report = reconciler(store, cluster).reconcile("local", now=time.time())
+
+    assert report.restored == [session.id]
+    assert report.provisions == [session.id]
+    assert store.require(session.id).state is SessionState.PROVISIONING
+
+
+def test_an_extension_reaches_the_cluster_so_a_rebuild_keeps_it(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    session = provisioned(store, cluster)
+    extended = store.update(session.id, lambda s: extend(s, now=time.time()))
+
+    report = reconciler(store, cluster).reconcile("local", now=time.time())
+
+    assert report.annotated == [f"lv-{session.environment_id}-ubuntu"]
+    vmi = cluster.get_vmi(f"lv-{session.environment_id}-ubuntu")
+    assert (
+        vmi["metadata"]["annotations"][EXPIRES_AT_ANNOTATION]
+        == session_annotations(extended)[EXPIRES_AT_ANNOTATION]
+    )
+    assert quiet(reconciler(store, cluster).reconcile("local", now=time.time()))
+
+
+# -- pools -----------------------------------------------------------------------------------
+
+
+def pool_vmi(cluster: KubeCluster, environment_id: str) -> None:
+    manifests = build_environment(
+        template=TEMPLATES["ubuntu"],
+        environment_id=environment_id,
+        namespace=NAMESPACE,
+        session_id=None,
+        environment_token="abcdef.0123456789abcdef",
+        extra_labels={POOL_LABEL: "ubuntu"},
+    )
+    cluster.create_vmi(manifests.vmis[0])
+
+
+def test_pool_environments_are_judged_by_the_pool_store(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    for environment_id in ("owned1", "taken1", "stray1"):
+        pool_vmi(cluster, environment_id)
+    pools = FakePools(owned={"owned1"})
+    later = time.time() + GRACE + 5
+
+    refused = reconciler(store, cluster, pools).reconcile("local", now=later)
+    assert sorted(refused.orphans_deleted) == ["lv-stray1-ubuntu", "lv-taken1-ubuntu"]
+    assert {o["environment_id"] for o in pools.offered} == {"taken1", "stray1"}
+    assert pools.offered[0]["template"] == "ubuntu"
+
+    wait_until(lambda: names(cluster) == {"lv-owned1-ubuntu"}, timeout=10)
+    pool_vmi(cluster, "back1")
+    pools.accept = True
+    accepted = reconciler(store, cluster, pools).reconcile("local", now=later)
+    assert accepted.pool_restored == ["back1"]
+    assert accepted.orphans_deleted == []
+    assert quiet(reconciler(store, cluster, pools).reconcile("local", now=later))
+
+
+def test_without_a_pool_store_pool_environments_are_left_alone(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    pool_vmi(cluster, "lonely1")
+
+    report = reconciler(store, cluster, None).reconcile("local", now=time.time() + 10 * GRACE)
+
+    assert report.orphans_deleted == []
+
+
+# -- level-triggered -------------------------------------------------------------------------
+
+
+def test_two_passes_equal_one(store: RedisSessionStore, cluster: KubeCluster) -> None:
+    keep = provisioned(store, cluster, user="alice")
+    vanish = provisioned(store, cluster, user="bob")
+    cluster.delete_vmis(environment_selector(vanish.environment_id))
+    raw_vmi(cluster, "stray2", {"app.kubernetes.io/managed-by": "labvirt"})
+    wait_until(lambda: f"lv-{vanish.environment_id}-ubuntu" not in names(cluster), timeout=10)
+    later = time.time() + GRACE + 5
+
+    first = reconciler(store, cluster).reconcile("local", now=later)
+    second = reconciler(store, cluster).reconcile("local", now=later)
+
+    assert first.failed == [vanish.id]
+    assert first.orphans_deleted == ["stray2"]
+    assert quiet(second)  # what the first deleted is still finalizing: left alone
+    assert store.require(keep.id).state is SessionState.READY
+
+
+def test_after_a_flush_pools_are_restored_into_the_real_pool_store(
+    store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    """With the pools side's own store (what ``labvirt.reconcile`` passes): ready warm
+    environments go back into their pool; nothing is left that no one owns."""
+    pools = RedisPoolStore(fakeredis.FakeRedis())
+    for environment_id in ("warm1", "warm2"):
+        pool_vmi(cluster, environment_id)
+    wait_until(
+        lambda: all(is_ready(v) for v in cluster.list_vmis(MANAGED_BY_SELECTOR)[0]), timeout=10
+    )
+    later = time.time() + GRACE + 5
+
+    first = reconciler(store, cluster, pools).reconcile("local", now=later)
+    second = reconciler(store, cluster, pools).reconcile("local", now=later)
+
+    assert sorted(first.pool_restored) == ["warm1", "warm2"]
+    assert first.orphans_deleted == []
+    assert quiet(second)
+    assert pools.owned_environment_ids("local") == {"warm1", "warm2"}
