@@ -53,7 +53,7 @@ def seed(store: RedisSessionStore) -> list[str]:
     return expiring
 
 
-def tick(url: str, now: float, enqueued: Counter[str], lock: threading.Lock) -> float:
+def tick(url: str, now: float, enqueued: Counter[str], lock: threading.Lock) -> None:
     """Three reapers at once, each with its own connection."""
     barrier = threading.Barrier(REAPERS, timeout=30)
     errors: list[BaseException] = []
