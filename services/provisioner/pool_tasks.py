@@ -25,6 +25,7 @@ import structlog
 from celery import Task, shared_task
 
 from services.provisioner.environments import EnvironmentStuck, EnvironmentWatch, Provisioner
+from services.provisioner.retrying import MAX_RETRIES, retry_or_give_up
 from shared.adapters.kube import Conflict, KubeCluster, KubeError, NotFound
 from shared.adapters.pool_store import PoolStore
 from shared.adapters.session_store import RedisSessionStore, SessionNotFound
@@ -52,7 +53,6 @@ from shared.worker_runtime import WorkerRuntime, worker_runtime_of
 
 log = structlog.get_logger(__name__)
 
-MAX_RETRIES = 8
 UNSCHEDULABLE_GIVE_UP_SECONDS: Final = 30.0
 UNSCHEDULABLE_REASON: Final = "no node has room for its VMs (Unschedulable)"
 BIND_ATTEMPTS: Final = 5  # re-reads after a 409 within one task run, before a retry
@@ -343,10 +343,6 @@ def _environments(runtime: WorkerRuntime) -> PoolEnvironments:
     )
 
 
-def _retry_delay(retries: int) -> float:
-    return float(min(60, 2**retries))
-
-
 def _log_context(task: Task, **values: Any) -> None:
     structlog.contextvars.bind_contextvars(task_id=task.request.id, task=task.name, **values)
 
@@ -368,10 +364,7 @@ def prewarm_environment(self: Task, env_id: str) -> dict[str, Any]:
     try:
         outcome = environments.boot(env_id)
     except KubeError as exc:
-        if exc.transient and self.request.retries < MAX_RETRIES:
-            log.warning("pool.boot_retry", error=str(exc), retries=self.request.retries)
-            raise self.retry(exc=exc, countdown=_retry_delay(self.request.retries)) from exc
-        log.exception("pool.boot_gave_up")
+        retry_or_give_up(self, exc, transient=exc.transient, what="pool.boot")
         if env is None:
             raise
         outcome = environments.give_up(
@@ -389,10 +382,7 @@ def retire_environment(self: Task, env_id: str, region: str) -> dict[str, Any]:
         outcome = _environments(runtime).remove(env_id, region)
     except (KubeError, EnvironmentStuck) as exc:
         transient = isinstance(exc, EnvironmentStuck) or exc.transient
-        if transient and self.request.retries < self.max_retries:
-            log.warning("pool.retire_retry", error=str(exc), retries=self.request.retries)
-            raise self.retry(exc=exc, countdown=_retry_delay(self.request.retries)) from exc
-        log.exception("pool.retire_gave_up")
+        retry_or_give_up(self, exc, transient=transient, what="pool.retire")
         raise
     return {"detail": outcome.detail}
 
@@ -412,10 +402,7 @@ def bind_environment(self: Task, session_id: str) -> dict[str, Any]:
         outcome = environments.bind(session_id)
     except (KubeError, BindConflict) as exc:
         transient = isinstance(exc, BindConflict) or exc.transient
-        if transient and self.request.retries < MAX_RETRIES:
-            log.warning("pool.bind_retry", error=str(exc), retries=self.request.retries)
-            raise self.retry(exc=exc, countdown=_retry_delay(self.request.retries)) from exc
-        log.exception("pool.bind_gave_up")
+        retry_or_give_up(self, exc, transient=transient, what="pool.bind")
         if session is None:
             raise
         outcome = environments.fail_session(session, f"could not bind the warm environment: {exc}")

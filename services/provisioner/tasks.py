@@ -12,14 +12,13 @@ import structlog
 from celery import Task, shared_task
 
 from services.provisioner.environments import EnvironmentStuck, Provisioner
+from services.provisioner.retrying import MAX_RETRIES, retry_or_give_up
 from shared.adapters.kube import KubeError
 from shared.domain.sessions import SessionState
 from shared.jobs import PROVISION, TEARDOWN, TEARDOWN_QUEUE
 from shared.worker_runtime import WorkerRuntime, worker_runtime_of
 
 log = structlog.get_logger(__name__)
-
-MAX_RETRIES = 8
 
 
 def _provisioner(runtime: WorkerRuntime) -> Provisioner:
@@ -43,10 +42,6 @@ def _bind(task: Task, session_id: str, runtime: WorkerRuntime) -> None:
     )
 
 
-def _retry_delay(retries: int) -> float:
-    return float(min(60, 2**retries))
-
-
 @shared_task(bind=True, name=PROVISION, acks_late=True, max_retries=MAX_RETRIES)
 def provision(self: Task, session_id: str) -> dict[str, Any]:
     runtime = worker_runtime_of(self.app)
@@ -54,10 +49,7 @@ def provision(self: Task, session_id: str) -> dict[str, Any]:
     try:
         outcome = _provisioner(runtime).provision(session_id)
     except KubeError as exc:
-        if exc.transient and self.request.retries < MAX_RETRIES:
-            log.warning("provision.retry", error=str(exc), retries=self.request.retries)
-            raise self.retry(exc=exc, countdown=_retry_delay(self.request.retries)) from exc
-        log.exception("provision.gave_up")
+        retry_or_give_up(self, exc, transient=exc.transient, what="provision")
         outcome = _provisioner(runtime).fail(session_id, f"cluster error: {exc}")
     if outcome.state is SessionState.FAILED:
         runtime.celery.send_task(TEARDOWN, args=[session_id], queue=TEARDOWN_QUEUE)
@@ -72,9 +64,6 @@ def teardown(self: Task, session_id: str) -> dict[str, Any]:
         outcome = _provisioner(runtime).teardown(session_id)
     except (KubeError, EnvironmentStuck) as exc:
         transient = isinstance(exc, EnvironmentStuck) or exc.transient
-        if transient and self.request.retries < self.max_retries:
-            log.warning("teardown.retry", error=str(exc), retries=self.request.retries)
-            raise self.retry(exc=exc, countdown=_retry_delay(self.request.retries)) from exc
-        log.exception("teardown.gave_up")
+        retry_or_give_up(self, exc, transient=transient, what="teardown")
         raise
     return {"state": outcome.state.value if outcome.state else None, "detail": outcome.detail}
