@@ -53,7 +53,7 @@ class Settings:
     reaper_interval_seconds: float = 5.0
     reaper_batch: int = 500
     idle_timeout_seconds: int | None = None  # overrides every template's when set
-    # Session lifecycle (issue 5): more per-template overrides, and the reaper's and
+    # Session lifecycle: more per-template overrides, and the reaper's and
     # reconciler's knobs.
     max_lifetime_seconds: int | None = None
     startup_timeout_seconds: int | None = None
@@ -67,7 +67,7 @@ class Settings:
     events_keepalive_seconds: float = 15.0
     teardown_timeout_seconds: float = 120.0
     kube_request_timeout_seconds: float = 30.0
-    # Warm pools (issue 4): the prewarmer's tick and the bounds of one pool's changes per tick.
+    # Warm pools: the prewarmer's tick and the bounds of one pool's changes per tick.
     prewarm_interval_seconds: float = 5.0
     prewarm_batch: int = 10
     prewarm_max_in_flight: int = 20

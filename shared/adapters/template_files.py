@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from shared.domain.templates import Template, TemplateError, parse_templates
+from shared.domain.template_parsing import TemplateError, parse_templates
+from shared.domain.templates import Template
 
 
 def load_templates(path: Path | None) -> dict[str, Template]:

@@ -1,4 +1,8 @@
-"""The whole system for end-to-end tests: real Redis, real processes, the simulator over HTTP."""
+"""The whole system for end-to-end tests: real Redis, real processes, the simulator over HTTP.
+
+Every system of real processes gets a Redis of its own (``own_redis_url``): its beat reaps and
+its workers take tasks from that database alone, never from the one the unit tests share.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,22 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import claim_redis_database
 from tests.e2e.harness import System, start_system
 
 
+@pytest.fixture
+def own_redis_url() -> Iterator[str]:
+    """A Redis for one test's processes alone."""
+    with claim_redis_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
-def system(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    running = start_system(redis_url, tmp_path_factory.mktemp("system"))
-    try:
-        yield running
-    finally:
-        running.stop()
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with claim_redis_database() as url:
+        running = start_system(url, tmp_path_factory.mktemp("system"))
+        try:
+            yield running
+        finally:
+            running.stop()

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.e2e
 
 
 def test_dev_runs_the_printed_curl_to_a_ready_session_and_stops_cleanly(
-    redis_url: str, tmp_path: Path
+    own_redis_url: str, tmp_path: Path
 ) -> None:
     env = dict(os.environ)
-    env.update({"REDIS_URL": redis_url, "LABVIRT_API_PORT": str(free_port())})
+    env.update({"REDIS_URL": own_redis_url, "LABVIRT_API_PORT": str(free_port())})
     for name in ("LABVIRT_KUBECONFIG", "LABVIRT_CLUSTERS", "LABVIRT_FRONTEND_TOKENS"):
         env.pop(name, None)
     dev = subprocess.Popen(

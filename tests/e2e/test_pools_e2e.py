@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
-import redis
 
+from tests.conftest import claim_redis_database
 from tests.e2e.harness import ADMIN_TOKEN, System, start, start_system, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -26,9 +25,8 @@ MANAGED = "app.kubernetes.io/managed-by"
 POOL = "labvirt.io/pool"
 SESSION = "labvirt.io/session"
 ENVIRONMENT = "labvirt.io/environment"
-_LOCK_KEY = "labvirt-test-run"
 # Concurrent creates against a pool of this size: "CREATES:POOL". `make test` runs a small
-# honest version; `make pool-load` the issue's 500 against 100.
+# honest version; `make pool-load` the full 500 against 100.
 LOAD = os.environ.get("LABVIRT_POOL_LOAD", "50:10")
 LOAD_CREATES, LOAD_POOL = (int(part) for part in LOAD.split(":"))
 # Fast boots (the readiness probe's delays scale with the simulator's time), and nodes enough
@@ -44,25 +42,9 @@ PREWARM_ENV = {
 
 
 @pytest.fixture(scope="module")
-def own_redis_url(redis_url: str) -> Iterator[str]:
-    """Another database of the test run's Redis, claimed like ``redis_url`` claims its own."""
-    taken = int(urlparse(redis_url).path.lstrip("/") or 0)
-    for db in range(1, 16):
-        if db == taken:
-            continue
-        url = urlparse(redis_url)._replace(path=f"/{db}").geturl()
-        client = redis.Redis.from_url(url)
-        if client.set(_LOCK_KEY, str(os.getpid()), nx=True, ex=3600):
-            client.flushdb()
-            client.set(_LOCK_KEY, str(os.getpid()), ex=3600)
-            try:
-                yield url
-            finally:
-                client.flushdb()
-                client.close()
-            return
-        client.close()
-    pytest.fail("no free Redis database for the pool tests")
+def own_redis_url() -> Iterator[str]:
+    with claim_redis_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
+from tests.conftest import STRICT_VMI_SCHEMA, require_kubevirt_reference
 from tests.e2e.harness import SHORT_LIFETIME_SECONDS, System, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -25,19 +26,10 @@ def _session_vmis(system: System, session_id: str) -> list[dict[str, Any]]:
     return system.sim.vmis(f"{MANAGED}=labvirt,labvirt.io/session={session_id}")
 
 
-def _strict_validator() -> Any:
-    schema_path = Path(__file__).resolve().parents[3] / "shared/kubevirt/vmi-schema-strict.json"
-    if not schema_path.exists():
-        return None
-    import jsonschema  # noqa: PLC0415
-
-    return jsonschema.Draft4Validator(json.loads(schema_path.read_text()))
-
-
 def _assert_valid(vmi: dict[str, Any]) -> None:
-    validator = _strict_validator()
-    if validator is None:
-        return
+    """Checked last in a test: without KubeVirt's schema it skips, after everything else ran."""
+    schema = json.loads(require_kubevirt_reference(STRICT_VMI_SCHEMA).read_text())
+    validator = jsonschema.Draft4Validator(schema)
     # Validate what labvirt asked for: the object minus what the cluster added.
     requested = {k: v for k, v in vmi.items() if k != "status"}
     errors = [e.message for e in validator.iter_errors(requested)]
@@ -71,7 +63,6 @@ def test_ubuntu_session_becomes_ready_and_is_removed(system: System) -> None:
     assert vmi["status"]["interfaces"][0]["ipAddress"] == vm["ip"]
     volumes = vmi["spec"]["volumes"]
     assert {next(iter(set(v) - {"name"})) for v in volumes} <= {"containerDisk", "cloudInitNoCloud"}
-    _assert_valid(vmi)
 
     response = system.call("DELETE", f"/v1/sessions/{created['id']}")
     assert response.status_code == 202
@@ -79,6 +70,7 @@ def test_ubuntu_session_becomes_ready_and_is_removed(system: System) -> None:
     ended = system.wait_state(created["id"], "ended", "failed")
     assert ended["state"] == "ended"
     assert _session_vmis(system, created["id"]) == []
+    _assert_valid(vmi)
 
 
 def test_kubernetes_session_has_two_named_vms_on_one_subdomain(system: System) -> None:
@@ -94,7 +86,6 @@ def test_kubernetes_session_has_two_named_vms_on_one_subdomain(system: System) -
     assert len(subdomains) == 1
     for vmi in vmis:
         assert vmi["status"]["phase"] == "Running"
-        _assert_valid(vmi)
 
     selector = _environment_selector(vmis)
     [service] = system.sim.services(selector)
@@ -108,6 +99,8 @@ def test_kubernetes_session_has_two_named_vms_on_one_subdomain(system: System) -
     assert system.wait_state(created["id"], "ended", "failed")["state"] == "ended"
     assert system.sim.vmis(selector) == []
     assert system.sim.services(selector) == []
+    for vmi in vmis:
+        _assert_valid(vmi)
 
 
 def test_close_with_the_session_token_alone(system: System) -> None:

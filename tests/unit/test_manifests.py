@@ -6,7 +6,6 @@ import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -38,9 +37,10 @@ from shared.domain.manifests import (
     parse_timestamp,
     render_user_data,
 )
-from shared.domain.templates import MAX_VM_NAME_LENGTH, Template, VmSpec, parse_templates
+from shared.domain.template_parsing import parse_templates
+from shared.domain.templates import MAX_VM_NAME_LENGTH, Template, VmSpec
+from tests.conftest import STRICT_VMI_SCHEMA, require_kubevirt_reference
 
-KUBEVIRT_REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "kubevirt"
 TOKEN = "abcdef.0123456789abcdef"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 SSH_PROBE: dict[str, Any] = {
@@ -86,10 +86,7 @@ def shipped_templates() -> dict[str, Template]:
 
 @pytest.fixture(scope="module")
 def strict_vmi_validator() -> jsonschema.Draft4Validator:
-    schema_path = KUBEVIRT_REFERENCE / "vmi-schema-strict.json"
-    if not schema_path.exists():
-        pytest.skip(f"KubeVirt reference schema not found at {schema_path}")
-    schema = json.loads(schema_path.read_text())
+    schema = json.loads(require_kubevirt_reference(STRICT_VMI_SCHEMA).read_text())
     return jsonschema.Draft4Validator(schema)
 
 

@@ -22,17 +22,9 @@ from hypothesis.stateful import (
 
 from shared.adapters.memory_pool_store import MemoryPoolStore
 from shared.adapters.pool_store import PoolStore, RedisPoolStore
-from shared.domain.pools import (
-    SLOT_SECONDS,
-    EnvironmentState,
-    PoolConfig,
-    PoolKey,
-    PoolMode,
-    WarmEnvironment,
-    absolute_slot,
-    new_warm_environment,
-    slot_of_week,
-)
+from shared.domain.pools.config import PoolConfig, PoolKey, PoolMode
+from shared.domain.pools.demand import SLOT_SECONDS, absolute_slot, slot_of_week
+from shared.domain.pools.environments import EnvironmentState, WarmEnvironment, new_warm_environment
 from shared.domain.sessions import VmView
 
 NOW = 1_700_000_000.0
@@ -168,7 +160,7 @@ def test_claimed_environments_wait_for_their_bind(store: PoolStore) -> None:
     assert store.unbound_claims(KEY, before=NOW + 5) == []
     [unbound] = store.unbound_claims(KEY, before=NOW + 10)
     assert (unbound.id, unbound.session_id) == (claimed.id, "s-1")
-    store.bound(KEY, claimed.id)
+    store.forget_claim(KEY, claimed.id)
     assert store.unbound_claims(KEY, before=NOW + 100) == []
 
 
@@ -284,7 +276,7 @@ def test_redis_store_tells_the_reconciler_what_the_pools_own(redis_url: str) -> 
         other = PoolKey("eu", "ubuntu")
         store.reserve(other, fresh(1, key=other), ceiling=1, max_in_flight=1)
         assert store.owned_environment_ids("local") == {*ready, booting.id}
-        store.bound(KEY, claimed.id)
+        store.forget_claim(KEY, claimed.id)
         assert store.owned_environment_ids("local") == {ready[1], booting.id}
         # After a data loss: a ready environment found in the cluster is taken back.
         assert store.restore_environment(
@@ -388,7 +380,7 @@ class PoolMachine(RuleBasedStateMachine):
             assert env.id not in self.owner
             self.owner[env.id] = session_id
             self.model[env.id] = EnvironmentState.CLAIMED
-            self.store.bound(KEY, env.id)
+            self.store.forget_claim(KEY, env.id)
 
     @invariant()
     def store_agrees_with_the_model(self) -> None:

@@ -13,50 +13,60 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.domain.pools import (
-    BACKOFF_CAP_SECONDS,
-    BURST_LINGER_SECONDS,
-    DITHER_PERIOD_SECONDS,
-    LEAD_SECONDS,
+from shared.domain.pools.config import (
     MAX_POOL_SIZE,
+    InvalidPoolConfig,
+    PoolConfig,
+    PoolKey,
+    PoolMode,
+)
+from shared.domain.pools.demand import (
     RECENT_WINDOW_SECONDS,
     SLOT_SECONDS,
     WEEK_SECONDS,
-    Blocked,
-    BootingEntry,
     Demand,
+    SlotDemand,
+    absolute_slot,
+    fold_slot,
+    recent_rate,
+    slot_of_week,
+    summarise_slot,
+)
+from shared.domain.pools.environments import (
     EnvironmentState,
     IllegalEnvironmentMove,
-    InvalidPoolConfig,
-    PoolConfig,
+    WarmEnvironment,
+    can_move,
+    new_warm_environment,
+)
+from shared.domain.pools.plan import (
+    BACKOFF_CAP_SECONDS,
+    Blocked,
+    BootingEntry,
     PoolHealth,
-    PoolKey,
-    PoolMode,
     PrewarmLimits,
     ReadyEntry,
     RetireReason,
-    SlotDemand,
-    WarmEnvironment,
-    absolute_slot,
-    adaptive_target,
     backoff_seconds,
-    burst_sizes,
-    can_move,
+    plan_pool,
+)
+from shared.domain.pools.sizing import (
     dithered,
     erlang_b,
-    fold_slot,
     fractional_stock,
-    missed_too_often,
-    new_warm_environment,
-    next_refill_estimate,
-    plan_pool,
     poisson_quantile,
     poisson_sf,
-    pool_target,
-    recent_rate,
-    slot_of_week,
     stock_for_hit_rate,
-    summarise_slot,
+)
+from shared.domain.pools.target import (
+    BURST_LINGER_SECONDS,
+    DITHER_PERIOD_SECONDS,
+    LEAD_SECONDS,
+    adaptive_target,
+    burst_sizes,
+    missed_too_often,
+    next_refill_estimate,
+    pool_target,
 )
 from shared.domain.sessions import VmView
 

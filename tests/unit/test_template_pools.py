@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from shared.adapters.template_files import load_templates
-from shared.domain.pools import PoolConfig, PoolMode
-from shared.domain.templates import TemplateError, parse_template
+from shared.domain.pools.config import PoolConfig, PoolMode
+from shared.domain.template_parsing import TemplateError, parse_template
 
 VM = {
     "name": "ubuntu",

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.domain.template_parsing import TemplateError, parse_template, parse_templates
 from shared.domain.templates import (
     DEFAULT_EXTEND_STEP_SECONDS,
     DEFAULT_HARD_DEADLINE_SECONDS,
@@ -16,10 +17,7 @@ from shared.domain.templates import (
     DEFAULT_MAX_LIFETIME_SECONDS,
     DEFAULT_STARTUP_TIMEOUT_SECONDS,
     Template,
-    TemplateError,
     VmSpec,
-    parse_template,
-    parse_templates,
     quantity_to_bytes,
 )
 
