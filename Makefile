@@ -50,7 +50,7 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos run: 100 sessions against 20% API errors and 20% boot failures
+chaos: install ## Chaos: 100 sessions against 20% API errors and boot failures; calls per session with and without errors
 	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest tests/e2e/test_chaos.py $(PYTEST_ARGS)
 
 .PHONY: pool-load

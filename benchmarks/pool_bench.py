@@ -1,12 +1,12 @@
 """Pool sizing: warm-hit rate and idle VM-minutes per claim, static pools against adaptive.
 
 Arrival traces (steady Poisson, a weekday diurnal curve, a weekly class burst) are replayed on
-a simulated clock through labvirt's own code: every claim goes through the API's
-``claim_warm_environment``, every 5 simulated seconds the real ``Prewarmer`` ticks (target,
-plan, reservations, retirements), against the in-memory pool store that passes the same
-contract tests as the Redis one. A pooled environment is ready after a boot time drawn from
-the simulator's own distribution: its KubeVirt controllers boot the template's VMIs in-process
-on a fake clock (readiness probe included); nothing sleeps.
+a simulated clock through labvirt's own code: every claim is a create through the API's
+``SessionLife.open`` (sessions in fakeredis), every 5 simulated seconds the real
+``Prewarmer`` ticks (target, plan, reservations, retirements), against the in-memory pool
+store that passes the same contract tests as the Redis one. A pooled environment is ready
+after a boot time drawn from the simulator's own distribution: its KubeVirt controllers boot
+the template's VMIs in-process on a fake clock (readiness probe included); nothing sleeps.
 
 Idle VM-minutes count every minute a pooled VM exists without a learner: booting, waiting,
 and booting replacements that get retired. Per claim, so traces of different volume compare.
@@ -27,30 +27,39 @@ import statistics
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
+import fakeredis
 import structlog
 
 from labvirt.sim.app import Settings as SimSettings
 from labvirt.sim.app import build_simulator
 from labvirt.sim.clock import FakeScheduler
-from labvirt.sim.kubevirt import VMI
-from services.api.warm import claim_warm_environment
-from services.prewarmer.reconcile import Prewarmer, PrewarmSettings
+from labvirt.sim.vmi import VMI
+from services.prewarmer.prewarmer import Prewarmer, PrewarmSettings
 from shared.adapters.memory_pool_store import MemoryPoolStore
+from shared.adapters.session_events import SessionEvents
+from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
+from shared.domain.lifecycle import clocks_for
 from shared.domain.manifests import build_environment
-from shared.domain.pools import WEEK_SECONDS, PoolConfig, PoolKey, PoolMode
-from shared.domain.sessions import open_session
+from shared.domain.pools.config import PoolConfig, PoolKey, PoolMode
+from shared.domain.pools.demand import WEEK_SECONDS
 from shared.domain.templates import Template
 from shared.domain.vmi_status import is_ready
-from shared.jobs import PREWARM_ENVIRONMENT, RETIRE_ENVIRONMENT
+from shared.jobs import (
+    BIND_ENVIRONMENT,
+    PREWARM_ENVIRONMENT,
+    RETIRE_ENVIRONMENT,
+    TaskQueue,
+    check_payload,
+)
+from shared.session_life import SessionLife
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "BENCHMARKS.md"
 SECTION = "## Warm pools"
@@ -226,10 +235,20 @@ class _Clock:
         return self.now
 
 
+class _Workers:
+    """The Celery port of the API's ``SessionLife``: each task goes straight to the replay."""
+
+    def __init__(self, run: Callable[[str, dict[str, str]], None]) -> None:
+        self._run = run
+
+    def send_task(self, name: str, kwargs: dict[str, str], **_: Any) -> None:
+        self._run(name, kwargs)
+
+
 @dataclass
 class _Replay:
     """The world around the prewarmer: boots finish after a sampled time, retirements stop
-    the idle clock, claims come from the trace."""
+    the idle clock, claims come from the trace as creates through ``SessionLife.open``."""
 
     template: Template
     boot_times: Sequence[float]
@@ -239,20 +258,38 @@ class _Replay:
     result: Result
     booting: list[tuple[float, str]] = field(default_factory=list)  # (ready at, env id)
     born: dict[str, float] = field(default_factory=dict)  # env id -> reserved at
+    life: SessionLife = field(init=False)
 
-    def enqueue(self, name: str, args: list[Any]) -> None:
+    def __post_init__(self) -> None:
+        sessions = fakeredis.FakeRedis()
+        self.life = SessionLife(
+            store=RedisSessionStore(sessions),
+            events=SessionEvents(sessions),
+            queue=TaskQueue(_Workers(self.enqueue)),  # type: ignore[arg-type]
+            clock=self.clock,
+            pools=self.store,  # type: ignore[arg-type]
+        )
+
+    def enqueue(self, name: str, payload: Mapping[str, str]) -> None:
+        """What the workers do with a task, as far as pool sizing is concerned."""
+        payload = check_payload(name, payload)
         if name == PREWARM_ENVIRONMENT:
-            [env_id] = args
+            env_id = payload["environment_id"]
             self.born[env_id] = self.clock.now
             self.result.created += 1
             heapq.heappush(
                 self.booting, (self.clock.now + self.rng.choice(self.boot_times), env_id)
             )
         elif name == RETIRE_ENVIRONMENT:
-            env_id = args[0]
-            born = self.born.pop(env_id, None)
+            born = self.born.pop(payload["environment_id"], None)
             if born is not None:
                 self.result.idle_vm_seconds += (self.clock.now - born) * len(self.template.vms)
+        elif name == BIND_ENVIRONMENT:
+            # The claimed environment's VMIs are relabelled: its claim is settled.
+            session = self.life.get(payload["session_id"])
+            assert session is not None
+            assert session.warm
+            self.store.forget_claim(KEY, session.environment_id)
 
     def boot_done(self, at: float, env_id: str) -> None:
         env = self.store.environment(env_id)
@@ -264,22 +301,19 @@ class _Replay:
 
     def claim(self, at: float) -> bool:
         self.clock.now = at
-        session, _ = open_session(
-            user="learner",
+        opened = self.life.open(
+            user=f"learner{self.result.claims}",  # one each: nobody reconnects or is refused
             template=KEY.template,
             region=KEY.region,
-            max_lifetime_seconds=self.template.max_lifetime_seconds,
-            idle_timeout_seconds=self.template.idle_timeout_seconds,
-            now=at,
+            clocks=clocks_for(self.template),
+            replace=False,
         )
-        runtime = SimpleNamespace(pools=self.store, clock=self.clock)
-        started = claim_warm_environment(runtime, session)  # type: ignore[arg-type]
+        started = opened.session
         self.result.claims += 1
         if started.warm:
             self.result.hits += 1
             born = self.born.pop(started.environment_id)
             self.result.idle_vm_seconds += (at - born) * len(self.template.vms)
-            self.store.bound(KEY, started.environment_id)
         return started.warm
 
 
@@ -427,7 +461,7 @@ def markdown(
     intro = (
         f"Command: `.venv/bin/python -m benchmarks.pool_bench --seed {seed}{flags} --write-docs` "
         "(`make bench` runs it without writing). Arrival traces are replayed on a simulated clock "
-        "through the API's claim (`claim_warm_environment`) and the real `Prewarmer` (a tick "
+        "through the API's create (`SessionLife.open`) and the real `Prewarmer` (a tick "
         "every 5 s, batch 10, at most 40 booting) against the in-memory pool store, which passes "
         "the same contract tests as the Redis one. Boot times are sampled from the simulator's "
         "own controllers booting the `ubuntu` template on a fake clock with `--boot-seconds 20` "

@@ -2,7 +2,8 @@
 
 A tick must cost what is due, not what is alive: it reads each deadline sorted set with
 ``ZRANGEBYSCORE ... LIMIT`` and settles only what it got. This runs the real tick
-(``services.reaper.tasks.reap_expired``) against a real, private redis-server (never the
+(``shared.session_life.SessionLife.reap``, what ``labvirt.reap`` calls, teardowns queued
+included, on a Celery port that sends nothing) against a real, private redis-server (never the
 machine's Redis), loads N live sessions with the store's own encoding and indexes, then times
 repeated ticks that each find 10 freshly expired sessions. Both sizes live in one Redis (one
 database each) and their ticks alternate, so drift on the machine hits both alike; the report
@@ -20,15 +21,18 @@ import logging
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import structlog
 
-from services.reaper.tasks import reap_expired
 from shared.adapters.redis_server import EmbeddedRedis
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore, _encode, _session_key
-from shared.domain.sessions import Session, SessionState, open_session
+from shared.domain.sessions import Session, open_session
+from shared.jobs import TEARDOWN, TaskQueue
+from shared.session_life import SessionLife
 
 NOW = 1_700_000_000.0
 BATCH = 500
@@ -44,7 +48,46 @@ def _session(user: str, *, lifetime: int, now: float) -> Session:
         idle_timeout_seconds=lifetime,
         now=now,
     )
-    return session.transition(SessionState.READY, at=now)
+    return session.mark_ready(vms=(), at=now)
+
+
+class _CountingCelery:
+    """The Celery port the tick queues its teardowns on: counts them, sends nothing."""
+
+    def __init__(self) -> None:
+        self.teardowns = 0
+
+    def send_task(self, name: str, **_: Any) -> None:
+        if name == TEARDOWN:
+            self.teardowns += 1
+
+
+@dataclass
+class Reaper:
+    """The session service a reaper runs, on a clock the benchmark sets."""
+
+    life: SessionLife
+    clock: _Clock
+    celery: _CountingCelery
+
+    @classmethod
+    def over(cls, client: redis.Redis, store: RedisSessionStore) -> Reaper:
+        clock, celery = _Clock(), _CountingCelery()
+        life = SessionLife(
+            store=store,
+            events=SessionEvents(client),
+            queue=TaskQueue(celery),  # type: ignore[arg-type]
+            clock=clock,
+        )
+        return cls(life, clock, celery)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def load_live(client: redis.Redis, store: RedisSessionStore, count: int) -> None:
@@ -58,16 +101,21 @@ def load_live(client: redis.Redis, store: RedisSessionStore, count: int) -> None
         pipe.execute()
 
 
-def tick_once(store: RedisSessionStore, *, run: int, expired: int) -> float:
+def tick_once(reaper: Reaper, *, run: int, expired: int) -> float:
     """Seconds for one tick that finds ``expired`` sessions whose lifetime just ended."""
     now = NOW + 3600 + run
     for i in range(expired):
-        store.add(_session(f"due{run}-{i}", lifetime=3600, now=now - 3600))
+        reaper.life.store.add(_session(f"due{run}-{i}", lifetime=3600, now=now - 3600))
+    reaper.clock.now = now
+    queued = reaper.celery.teardowns
     started = time.perf_counter()
-    reaped = reap_expired(store, now=now, batch=BATCH)
+    reaped = reaper.life.reap(batch=BATCH)
     elapsed = time.perf_counter() - started
-    if len(reaped.teardowns) != expired:
-        raise AssertionError(f"tick settled {len(reaped.teardowns)} of {expired}")
+    if len(reaped.teardowns) != expired or reaper.celery.teardowns - queued != expired:
+        raise AssertionError(
+            f"tick settled {len(reaped.teardowns)} of {expired} and queued "
+            f"{reaper.celery.teardowns - queued} teardowns"
+        )
     return elapsed
 
 
@@ -75,19 +123,20 @@ def run(live_sizes: list[int], *, expired: int, repeats: int) -> dict[str, Any]:
     server = EmbeddedRedis().start()
     clients = []
     try:
-        stores = {}
+        reapers = {}
         loaded = {}
         for db, live in enumerate(live_sizes):
             client = redis.Redis.from_url(server.url.rsplit("/", 1)[0] + f"/{db}")
             clients.append(client)
-            stores[live] = RedisSessionStore(client)
+            store = RedisSessionStore(client)
+            reapers[live] = Reaper.over(client, store)
             started = time.perf_counter()
-            load_live(client, stores[live], live)
+            load_live(client, store, live)
             loaded[live] = time.perf_counter() - started
         samples: dict[int, list[float]] = {live: [] for live in live_sizes}
         for tick in range(repeats + 3):  # three warm-up rounds, not counted
             for live in live_sizes:
-                elapsed = tick_once(stores[live], run=tick, expired=expired)
+                elapsed = tick_once(reapers[live], run=tick, expired=expired)
                 if tick >= 3:
                     samples[live].append(elapsed)
         results = [

@@ -1,16 +1,27 @@
-"""Starting Celery worker and beat processes with labvirt's runtime attached."""
+"""The worker's and beat's wiring functions: one Celery app, one runtime, services built once.
+
+A worker builds its runtime (Redis, one Kubernetes client per region), the services its tasks
+share, and the region informers that follow labvirt's VMIs, then takes tasks. Beat only
+schedules: it needs the Celery app and nothing else.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import structlog
-from celery.signals import task_postrun, task_prerun
+from celery import Celery
+from celery.signals import task_postrun, task_prerun, worker_shutdown
 
+from services.provisioner import wiring as provisioner_wiring
+from services.reaper.reconciler import Reconciler
+from services.reaper.tasks import build_reconciler
+from shared.adapters.clusters import Clusters
 from shared.config import Settings
-from shared.jobs import QUEUES, make_celery
-from shared.runtime import attach_runtime
-from shared.worker_runtime import build_worker_runtime
+from shared.jobs import PREWARM_QUEUE, PROVISION_QUEUE, QUEUES, make_celery
+from shared.runtime import Runtime, attach_runtime, build_runtime
+
+log = structlog.get_logger(__name__)
 
 
 def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
@@ -22,19 +33,41 @@ def _clear_task(**_: Any) -> None:
     structlog.contextvars.bind_contextvars(process="worker")
 
 
-def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
+def wire_worker(settings: Settings, *, queues: list[str]) -> tuple[Celery, Runtime]:
+    """The worker's Celery app with its runtime and services; informers started."""
     app = make_celery(settings)
-    attach_runtime(app, build_worker_runtime(settings, celery=app))
+    runtime = build_runtime(settings, celery=app, clusters=Clusters(settings))
+    attach_runtime(app, runtime)
+    runtime.service(Reconciler, build_reconciler)
+    informers = provisioner_wiring.wire(
+        runtime,
+        follow_sessions=PROVISION_QUEUE in queues,
+        follow_pools=PREWARM_QUEUE in queues,
+    )
+    log.info("worker.wired", queues=queues, informers=[i.region for i in informers])
+
+    def stop_informers(**_: Any) -> None:
+        for informer in informers:
+            informer.stop(timeout=1.0)
+
+    worker_shutdown.connect(stop_informers, weak=False)
+    return app, runtime
+
+
+def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
+    chosen = [q for q in (queues or ",".join(QUEUES)).split(",") if q]
+    app, _runtime = wire_worker(settings, queues=chosen)
     task_prerun.connect(_bind_task, weak=False)
     task_postrun.connect(_clear_task, weak=False)
     app.worker_main(
         [
             "worker",
             f"--loglevel={settings.log_level}",
-            # Provisioning waits on VM boots: threads, not processes, so one worker holds many.
+            # Tasks are short (create, delete, patch) and wait on the cluster's answers:
+            # threads, not processes. Waiting on boots holds no thread (the informers do it).
             "--pool=threads",
             f"--concurrency={settings.worker_concurrency}",
-            f"--queues={queues or ','.join(QUEUES)}",
+            f"--queues={','.join(chosen)}",
             f"--hostname={name}",
             "--without-gossip",
             "--without-mingle",

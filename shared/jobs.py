@@ -1,15 +1,23 @@
-"""The contract between services: Celery task names, queues and the Celery app's wiring.
+"""The contract between services: task names, their payloads, queues and the Celery app.
 
-Services enqueue by task name and plain ids, never by importing each other's modules.
+Services enqueue by task name and a typed payload (``enqueue(name, payload)``), never by
+importing each other's modules. Each payload is a ``TypedDict`` of plain ids, checked when it is
+sent and again when a worker receives it (``check_payload``), so a malformed message fails
+loudly at either end instead of deep inside a task. Queues are chosen by ``task_routes`` alone.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from datetime import timedelta
+from typing import Any, Final, TypedDict
 
-from celery import Celery
+import structlog
+from celery import Celery, Task, shared_task
 from kombu.entity import Queue
 
+from shared.adapters.retrying import DEFAULT_TASK_BUDGET, retry_budget
 from shared.config import Settings
 
 PROVISION = "labvirt.provision"
@@ -21,6 +29,8 @@ PREWARM = "labvirt.prewarm"
 PREWARM_ENVIRONMENT = "labvirt.prewarm_environment"
 RETIRE_ENVIRONMENT = "labvirt.retire_environment"
 BIND_ENVIRONMENT = "labvirt.bind_environment"
+# A pooled environment whose VMs wait for node room: give it up if they still wait.
+CHECK_ENVIRONMENT = "labvirt.check_environment"
 
 # User-facing work has its own queue so it never waits behind maintenance.
 PROVISION_QUEUE = "provision"
@@ -30,6 +40,101 @@ QUEUES = (PROVISION_QUEUE, TEARDOWN_QUEUE, MAINTENANCE_QUEUE)
 # Booting pool environments: consumed by its own worker (`labvirt worker --queues prewarm`),
 # never by the default one, so prewarming can never hold the threads learners wait for.
 PREWARM_QUEUE = "prewarm"
+
+
+class SessionJob(TypedDict):
+    """Work on one session's environment (provision, teardown, bind)."""
+
+    session_id: str
+
+
+class PoolEnvironmentJob(TypedDict):
+    """Work on one pooled environment that its pool record describes (boot, check)."""
+
+    environment_id: str
+
+
+class RetireJob(TypedDict):
+    """Delete one pooled environment, whose pool record may already be gone."""
+
+    environment_id: str
+    region: str
+
+
+class TickJob(TypedDict):
+    """A periodic pass (reaper, reconciler, prewarmer): nothing to say."""
+
+
+PAYLOADS: Final[Mapping[str, type]] = {
+    PROVISION: SessionJob,
+    TEARDOWN: SessionJob,
+    BIND_ENVIRONMENT: SessionJob,
+    PREWARM_ENVIRONMENT: PoolEnvironmentJob,
+    CHECK_ENVIRONMENT: PoolEnvironmentJob,
+    RETIRE_ENVIRONMENT: RetireJob,
+    REAP: TickJob,
+    RECONCILE: TickJob,
+    PREWARM: TickJob,
+}
+
+
+class InvalidPayload(ValueError):
+    """A task message that does not match its task's payload."""
+
+
+def check_payload(name: str, payload: Mapping[str, Any]) -> dict[str, str]:
+    """``payload`` as the task ``name`` takes it: exactly its keys, each a non-empty string."""
+    shape = PAYLOADS.get(name)
+    if shape is None:
+        raise InvalidPayload(f"no task is named {name!r}")
+    wanted = set(shape.__annotations__)
+    given = set(payload)
+    if given != wanted:
+        missing = ", ".join(sorted(wanted - given)) or "none"
+        extra = ", ".join(sorted(given - wanted)) or "none"
+        raise InvalidPayload(f"{name}: payload keys missing: {missing}; unexpected: {extra}")
+    for key, value in payload.items():
+        if not isinstance(value, str) or not value:
+            raise InvalidPayload(f"{name}: {key} must be a non-empty string, not {value!r}")
+    return dict(payload)
+
+
+class TaskQueue:
+    """Where services hand work to workers: ``enqueue(name, payload)``."""
+
+    def __init__(self, celery: Celery) -> None:
+        self._celery = celery
+
+    def enqueue(self, name: str, payload: Mapping[str, Any], *, delay: float | None = None) -> None:
+        """Publish the task; its queue comes from ``task_routes``. ``delay`` in seconds."""
+        self._celery.send_task(name, kwargs=check_payload(name, payload), countdown=delay)
+
+
+TaskBody = Callable[[Task, dict[str, str]], dict[str, Any]]
+
+
+def labvirt_task(
+    name: str, *, retry_budget_size: int = DEFAULT_TASK_BUDGET
+) -> Callable[[TaskBody], Any]:
+    """Declare a task: its payload is checked on arrival, its log lines carry the task's id,
+    name and payload ids, and its cluster calls share one retry budget.
+
+    Every labvirt task is safe to run twice, so all are ``acks_late`` (a worker that dies
+    mid-task leaves the message for another) and nothing retries them on top of the budget.
+    """
+
+    def declare(body: TaskBody) -> Any:
+        @functools.wraps(body)
+        def run(self: Task, **payload: Any) -> dict[str, Any]:
+            checked = check_payload(name, payload)
+            structlog.contextvars.bind_contextvars(task_id=self.request.id, task=name, **checked)
+            with retry_budget(retry_budget_size):
+                return body(self, checked)
+
+        return shared_task(bind=True, name=name, acks_late=True, ignore_result=True)(run)
+
+    return declare
+
 
 TASK_MODULES = (
     "services.provisioner.tasks",
@@ -57,7 +162,8 @@ def make_celery(settings: Settings) -> Celery:
         # the longest provision (a slow boot under emulation); tasks are idempotent, so a
         # late duplicate does no harm, while a long timeout only delays recovery.
         broker_transport_options={"visibility_timeout": 900},
-        task_queues=[Queue(name) for name in (*QUEUES, PREWARM_QUEUE)],
+        # kombu ships no type hints.
+        task_queues=[Queue(name) for name in (*QUEUES, PREWARM_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,
         task_routes={
             PROVISION: {"queue": PROVISION_QUEUE},
@@ -68,6 +174,7 @@ def make_celery(settings: Settings) -> Celery:
             PREWARM_ENVIRONMENT: {"queue": PREWARM_QUEUE},
             RETIRE_ENVIRONMENT: {"queue": PREWARM_QUEUE},
             BIND_ENVIRONMENT: {"queue": PROVISION_QUEUE},
+            CHECK_ENVIRONMENT: {"queue": PREWARM_QUEUE},
         },
         include=list(TASK_MODULES),
         beat_schedule={

@@ -1,15 +1,18 @@
-"""What a labvirt process holds once it has started: settings and its adapters.
+"""What a labvirt process holds once it has started: settings, adapters and built services.
 
-Built once by each process's wiring function; nothing here connects at import time. The API's
-runtime has no Kubernetes clients at all; workers extend it (``shared.worker_runtime``).
+Built once by each process's wiring function (``build_runtime``); nothing here connects at
+import time. The API's runtime has no Kubernetes clients (``clusters`` is None); a worker's has
+one client per region. Services a worker builds once (the provisioner, the reconciler...) are
+kept by ``service``, so every task of the process shares them.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis
 from celery import Celery
@@ -21,7 +24,13 @@ from shared.adapters.template_files import load_templates
 from shared.config import Settings
 from shared.domain.lifecycle import ClockOverrides, DeadlinePolicy
 from shared.domain.templates import Template
-from shared.jobs import make_celery
+from shared.jobs import TaskQueue, make_celery
+from shared.session_life import SessionLife
+
+if TYPE_CHECKING:  # only workers hold Kubernetes clients; the API never imports them
+    from shared.adapters.clusters import Clusters
+
+S = TypeVar("S")
 
 
 @dataclass(kw_only=True)
@@ -34,14 +43,45 @@ class Runtime:
     clock: Callable[[], float] = field(default=time.time)
     # Warm pools; None runs without them (every create goes cold), as on a Redis without Lua.
     pools: RedisPoolStore | None = None
+    # One Kubernetes client per region: workers only.
+    clusters: Clusters | None = None
     # Progress events ride on the same Redis client: nothing to configure.
     events: SessionEvents = field(init=False)
+    queue: TaskQueue = field(init=False)
+    life: SessionLife = field(init=False)
+    _services: dict[type, Any] = field(init=False, default_factory=dict)
+    _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.events = SessionEvents(self.redis)
+        self.queue = TaskQueue(self.celery)
+        self.life = SessionLife(
+            store=self.sessions,
+            events=self.events,
+            queue=self.queue,
+            clock=self.clock,
+            pools=self.pools,
+            max_sessions_per_user=self.settings.max_sessions_per_user,
+        )
+
+    def kube(self) -> Clusters:
+        if self.clusters is None:
+            raise RuntimeError("this process has no Kubernetes clients (only workers do)")
+        return self.clusters
+
+    def service(self, kind: type[S], build: Callable[[Runtime], S]) -> S:
+        """The process's one ``kind``, built on first use by ``build`` if wiring did not."""
+        with self._lock:
+            found = self._services.get(kind)
+            if found is None:
+                found = self._services[kind] = build(self)
+            return cast(S, found)
 
 
-def build_runtime(settings: Settings, *, celery: Celery | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, *, celery: Celery | None = None, clusters: Clusters | None = None
+) -> Runtime:
+    """The process's runtime; a worker passes its ``Clusters``, the API none."""
     client = redis.Redis.from_url(
         settings.redis_url,
         socket_connect_timeout=5,
@@ -55,6 +95,7 @@ def build_runtime(settings: Settings, *, celery: Celery | None = None) -> Runtim
         templates=load_templates(settings.templates_path),
         celery=celery or make_celery(settings),
         pools=RedisPoolStore(client),
+        clusters=clusters,
     )
 
 

@@ -26,7 +26,7 @@ from flask import Blueprint, Response, current_app, request
 from services.api.context import caller, runtime, session_for
 from services.api.errors import ApiError
 from shared.adapters.session_events import START, SessionEvents, is_event_id
-from shared.domain.lifecycle import LIVE_STATES, TERMINAL_STAGES, ProgressEvent
+from shared.domain.lifecycle import TERMINAL_STAGES, ProgressEvent
 
 log = structlog.get_logger(__name__)
 blueprint = Blueprint("events", __name__)
@@ -51,7 +51,7 @@ def session_events(session_id: str) -> Response:
         raise ApiError(400, "invalid_last_event_id", "Last-Event-ID is not an id this API sent")
     rt = runtime()
     first = rt.events.read(session.id, after=after)
-    if not first and session.state not in LIVE_STATES:
+    if not first and not session.is_live:
         # Everything was delivered and nothing more will come: 204 stops EventSource.
         return Response(status=204)
     stream = _stream(

@@ -1,7 +1,10 @@
-"""Celery tasks of the provisioner: thin adapters from a session id to ``Provisioner``.
+"""Celery tasks of the provisioner: thin adapters from a payload to the services.
 
-Both tasks are idempotent, so they are ``acks_late``: a worker that dies mid-task leaves the
-message on the queue for another worker, which picks up where the cluster and Redis stand.
+Provision creates an environment and returns (the informer sees it boot); teardown deletes one
+and returns. Both are safe to repeat, so a worker that dies mid-task leaves the message for
+another (``acks_late``), which picks up where the cluster and Redis stand. Cluster calls share
+the task's retry budget; a task whose budget runs out fails its session (provision) or leaves
+the next try to the reaper's teardown deadline (teardown), never retrying on top.
 """
 
 from __future__ import annotations
@@ -9,61 +12,39 @@ from __future__ import annotations
 from typing import Any
 
 import structlog
-from celery import Task, shared_task
+from celery import Task
 
-from services.provisioner.environments import EnvironmentStuck, Provisioner
-from services.provisioner.retrying import MAX_RETRIES, retry_or_give_up
+from services.provisioner.environments import Outcome, Provisioner
+from services.provisioner.wiring import provisioner_of
 from shared.adapters.kube import KubeError
-from shared.domain.sessions import SessionState
-from shared.jobs import PROVISION, TEARDOWN, TEARDOWN_QUEUE
-from shared.worker_runtime import WorkerRuntime, worker_runtime_of
+from shared.domain.reasons import Failure
+from shared.jobs import PROVISION, TEARDOWN, labvirt_task
 
 log = structlog.get_logger(__name__)
 
 
-def _provisioner(runtime: WorkerRuntime) -> Provisioner:
-    return Provisioner(
-        sessions=runtime.sessions,
-        templates=runtime.templates,
-        cluster_for=runtime.clusters.get,
-        clock=runtime.clock,
-        teardown_timeout=runtime.settings.teardown_timeout_seconds,
-        events=runtime.events,
-    )
-
-
-def _bind(task: Task, session_id: str, runtime: WorkerRuntime) -> None:
-    session = runtime.sessions.get(session_id)
-    structlog.contextvars.bind_contextvars(
-        session_id=session_id,
-        template=session.template if session else None,
-        task_id=task.request.id,
-        task=task.name,
-    )
-
-
-@shared_task(bind=True, name=PROVISION, acks_late=True, max_retries=MAX_RETRIES)
-def provision(self: Task, session_id: str) -> dict[str, Any]:
-    runtime = worker_runtime_of(self.app)
-    _bind(self, session_id, runtime)
+@labvirt_task(PROVISION)
+def provision(task: Task, payload: dict[str, str]) -> dict[str, Any]:
+    provisioner: Provisioner = provisioner_of(task.app)
+    session_id = payload["session_id"]
     try:
-        outcome = _provisioner(runtime).provision(session_id)
+        outcome = provisioner.provision(session_id)
     except KubeError as exc:
-        retry_or_give_up(self, exc, transient=exc.transient, what="provision")
-        outcome = _provisioner(runtime).fail(session_id, f"cluster error: {exc}")
-    if outcome.state is SessionState.FAILED:
-        runtime.celery.send_task(TEARDOWN, args=[session_id], queue=TEARDOWN_QUEUE)
-    return {"state": outcome.state.value if outcome.state else None, "detail": outcome.detail}
+        log.warning("provision.gave_up", error=str(exc), transient=exc.transient)
+        outcome = provisioner.fail(session_id, Failure.cluster_error(str(exc)))
+    return _result(outcome)
 
 
-@shared_task(bind=True, name=TEARDOWN, acks_late=True, max_retries=MAX_RETRIES * 2)
-def teardown(self: Task, session_id: str) -> dict[str, Any]:
-    runtime = worker_runtime_of(self.app)
-    _bind(self, session_id, runtime)
+@labvirt_task(TEARDOWN)
+def teardown(task: Task, payload: dict[str, str]) -> dict[str, Any]:
     try:
-        outcome = _provisioner(runtime).teardown(session_id)
-    except (KubeError, EnvironmentStuck) as exc:
-        transient = isinstance(exc, EnvironmentStuck) or exc.transient
-        retry_or_give_up(self, exc, transient=transient, what="teardown")
-        raise
+        outcome = provisioner_of(task.app).teardown(payload["session_id"])
+    except KubeError as exc:
+        # The session stays terminating; the reaper asks for another teardown later.
+        log.warning("teardown.gave_up", error=str(exc), transient=exc.transient)
+        return {"state": None, "detail": f"gave up: {exc}"}
+    return _result(outcome)
+
+
+def _result(outcome: Outcome) -> dict[str, Any]:
     return {"state": outcome.state.value if outcome.state else None, "detail": outcome.detail}

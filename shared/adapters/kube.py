@@ -1,16 +1,14 @@
 """The Kubernetes adapter: KubeVirt VMIs and Services through the official client.
 
 Statuses become typed exceptions; transient failures (429 with Retry-After, 5xx, broken
-connections) are retried with capped, jittered backoff; 409 AlreadyExists on create and 404 on
-delete count as success, so every operation is safe to repeat. The cluster is an object, never
-a global: one per region.
+connections) are retried by labvirt's one retry layer (``shared.adapters.retrying``), within the
+running task's budget; 409 AlreadyExists on create and 404 on delete count as success, so every
+operation is safe to repeat. The cluster is an object, never a global: one per region.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -19,7 +17,9 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from shared.adapters.retrying import Retry
 from shared.config import Cluster as ClusterConfig
+from shared.domain.vmi import Vmi, as_vmi
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +33,7 @@ class KubeError(Exception):
     """A failed Kubernetes call. ``transient`` ones may succeed when tried again."""
 
     transient = False
+    retry_after: float | None = None  # seconds the server asked to wait, when it said
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -70,7 +71,7 @@ class TooManyRequests(KubeError):
         self, message: str, *, status: int | None = None, retry_after: float = 1.0
     ) -> None:
         super().__init__(message, status=status)
-        self.retry_after = retry_after
+        self.retry_after: float | None = retry_after
 
 
 class Unavailable(KubeError):
@@ -114,41 +115,6 @@ def translate(exc: ApiException) -> KubeError:
     return KubeError(message, status=status)
 
 
-class Retry:
-    """Bounded retries of transient failures: exponential backoff with full jitter, capped."""
-
-    def __init__(
-        self,
-        *,
-        attempts: int = 8,
-        base: float = 0.2,
-        cap: float = 5.0,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.attempts = attempts
-        self.base = base
-        self.cap = cap
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-
-    def __call__(self, operation: Callable[[], T], *, what: str) -> T:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return call(operation)
-            except KubeError as exc:
-                if not exc.transient or attempt == self.attempts:
-                    raise
-                delay = self._rng.uniform(0, min(self.cap, self.base * 2**attempt))
-                if isinstance(exc, TooManyRequests):
-                    delay = max(delay, min(self.cap, exc.retry_after))
-                log.debug(
-                    "kube.retry", what=what, attempt=attempt, delay=round(delay, 3), error=str(exc)
-                )
-                self._sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
 def call(operation: Callable[[], T]) -> T:
     """Run one client call, raising ``KubeError`` subclasses instead of client exceptions."""
     try:
@@ -160,11 +126,12 @@ def call(operation: Callable[[], T]) -> T:
 
 
 def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient:
+    # The kubernetes client ships no type hints: its loaders and watch are untyped calls.
     configuration = client.Configuration()
     if cluster.kubeconfig is None:
-        config.load_incluster_config(client_configuration=configuration)
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
-        config.load_kube_config(
+        config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(cluster.kubeconfig),
             context=cluster.context,
             client_configuration=configuration,
@@ -197,7 +164,10 @@ class KubeCluster:
         self._retry = retry or Retry()
 
     def close(self) -> None:
-        self._api_client.close()
+        self._api_client.close()  # type: ignore[no-untyped-call]
+
+    def _retried(self, operation: Callable[[], T], *, what: str) -> T:
+        return self._retry(lambda: call(operation), what=what, error=KubeError)
 
     # -- VMIs -------------------------------------------------------------------------------
 
@@ -205,7 +175,7 @@ class KubeCluster:
         """Create, or return the one already there (same deterministic name)."""
         name = body["metadata"]["name"]
         try:
-            created: dict[str, Any] = self._retry(
+            created: dict[str, Any] = self._retried(
                 lambda: self._custom.create_namespaced_custom_object(
                     GROUP,
                     VERSION,
@@ -221,7 +191,7 @@ class KubeCluster:
         return created
 
     def get_vmi(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._retry(
+        result: dict[str, Any] = self._retried(
             lambda: self._custom.get_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, VMI_PLURAL, name, _request_timeout=self._timeout
             ),
@@ -229,15 +199,15 @@ class KubeCluster:
         )
         return result
 
-    def list_vmis(self, selector: str) -> tuple[list[dict[str, Any]], str]:
+    def list_vmis(self, selector: str) -> tuple[list[Vmi], str]:
         """Every VMI matching ``selector`` (all pages) and the list's resourceVersion."""
-        items: list[dict[str, Any]] = []
+        items: list[Vmi] = []
         token: str | None = None
         while True:
             kwargs: dict[str, Any] = {"label_selector": selector, "limit": 500}
             if token:
                 kwargs["_continue"] = token
-            page: dict[str, Any] = self._retry(
+            page: dict[str, Any] = self._retried(
                 lambda kw=kwargs: self._custom.list_namespaced_custom_object(  # type: ignore[misc]
                     GROUP,
                     VERSION,
@@ -248,20 +218,21 @@ class KubeCluster:
                 ),
                 what="list vmis",
             )
-            items.extend(page.get("items", []))
+            items.extend(as_vmi(item) for item in page.get("items", []))
             token = page.get("metadata", {}).get("continue")
             if not token:
                 return items, str(page.get("metadata", {}).get("resourceVersion", ""))
 
     def watch_vmis(
         self, selector: str, resource_version: str, timeout_seconds: int
-    ) -> Iterator[tuple[str, dict[str, Any]]]:
+    ) -> Iterator[tuple[str, Vmi]]:
         """Changes after ``resource_version`` until the server ends the stream.
 
-        Raises ``Expired`` when the version is too old (list again), and transient errors
-        as they come: the caller decides whether to list again.
+        BOOKMARK events come through too (their object carries only a resourceVersion). Raises
+        ``Expired`` when the version is too old (list again), and transient errors as they
+        come: the caller decides whether to resume or list again. Not retried here.
         """
-        stream: Any = watch.Watch()
+        stream: Any = watch.Watch()  # type: ignore[no-untyped-call]
         try:
             events = stream.stream(
                 self._custom.list_namespaced_custom_object,
@@ -282,6 +253,9 @@ class KubeCluster:
                     return
                 event_type = event["type"]
                 if event_type == "BOOKMARK":
+                    # Only its resourceVersion matters: where to resume from.
+                    raw = event.get("raw_object") or event.get("object") or {}
+                    yield event_type, as_vmi(raw if isinstance(raw, dict) else {})
                     continue
                 if event_type == "ERROR":
                     status = event.get("raw_object") or event.get("object") or {}
@@ -294,13 +268,13 @@ class KubeCluster:
                     if code == 410:
                         raise Expired(message, status=410)
                     raise Unavailable(message, status=code)
-                yield event_type, event["object"]
+                yield event_type, as_vmi(event["object"])
         finally:
             stream.stop()
 
     def delete_vmis(self, selector: str) -> None:
         """Ask for every matching VMI to go (finalizers may keep them a while)."""
-        self._retry(
+        self._retried(
             lambda: self._custom.delete_collection_namespaced_custom_object(
                 GROUP,
                 VERSION,
@@ -316,7 +290,7 @@ class KubeCluster:
     def delete_vmi(self, name: str) -> None:
         """Ask for one VMI to go; already gone is success."""
         try:
-            self._retry(
+            self._retried(
                 lambda: self._custom.delete_namespaced_custom_object(
                     GROUP,
                     VERSION,
@@ -332,7 +306,7 @@ class KubeCluster:
             return
 
     def patch_vmi(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self._retry(
+        result: dict[str, Any] = self._retried(
             lambda: self._custom.patch_namespaced_custom_object(
                 GROUP,
                 VERSION,
@@ -351,7 +325,7 @@ class KubeCluster:
     def create_service(self, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
         try:
-            self._retry(
+            self._retried(
                 lambda: self._core.create_namespaced_service(
                     self.namespace, body, _request_timeout=self._timeout
                 ),
@@ -361,7 +335,7 @@ class KubeCluster:
             return
 
     def delete_services(self, selector: str) -> None:
-        services = self._retry(
+        services = self._retried(
             lambda: self._core.list_namespaced_service(
                 self.namespace, label_selector=selector, _request_timeout=self._timeout
             ),
@@ -370,7 +344,7 @@ class KubeCluster:
         for service in services.items:
             name = service.metadata.name
             try:
-                self._retry(
+                self._retried(
                     # The answer is the Service or a Status depending on the server's version;
                     # labvirt needs neither, so it is not decoded.
                     lambda n=name: self._core.delete_namespaced_service(  # type: ignore[misc]
@@ -385,7 +359,7 @@ class KubeCluster:
                 continue
 
     def count_services(self, selector: str) -> int:
-        services = self._retry(
+        services = self._retried(
             lambda: self._core.list_namespaced_service(
                 self.namespace, label_selector=selector, _request_timeout=self._timeout
             ),

@@ -29,13 +29,12 @@ from shared.domain.lifecycle import (
     deadlines,
     transition_event,
 )
-from shared.domain.sessions import Session, SessionId, SessionState
+from shared.domain.sessions import Session, SessionId
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "labvirt"
 FINISHED_RETENTION_SECONDS = 24 * 3600
-CLOCKED_STATES = frozenset({SessionState.PROVISIONING, SessionState.READY})
 _MGET_CHUNK = 1000
 
 
@@ -164,9 +163,9 @@ class RedisSessionStore:
             if updated is not current:
                 pipe.set(key, _encode(updated))
             self._index(pipe, updated)
-            events = [transition_event(current, updated)]
-            if announce is not None:
-                events.append(announce(current, updated))
+            # ``announce``'s event first: it tells what led to the state change, if any.
+            events = [announce(current, updated) if announce is not None else None]
+            events.append(transition_event(current, updated))
             for event in events:
                 if event is not None:
                     session_events.append(pipe, updated.id, event)
@@ -281,7 +280,6 @@ def _text(value: bytes | str) -> str:
 
 
 __all__ = [
-    "CLOCKED_STATES",
     "DEADLINE_KINDS",
     "FINISHED_RETENTION_SECONDS",
     "DeadlineKind",

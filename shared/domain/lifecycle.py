@@ -13,13 +13,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final
 
+from shared.domain.reasons import CloseReason, Failure
 from shared.domain.sessions import Session, SessionState, open_session
 from shared.domain.templates import Template
-
-LIVE_STATES: Final = frozenset({SessionState.PROVISIONING, SessionState.READY})
-
-LIFETIME_REASON: Final = "maximum lifetime reached"
-IDLE_REASON: Final = "idle timeout"
 
 
 class DeadlineKind(StrEnum):
@@ -123,7 +119,7 @@ def ending(session: Session) -> tuple[DeadlineKind, float]:
 
 def warning_at(session: Session, policy: DeadlinePolicy) -> float | None:
     """When to warn that the session ends soon; None when there is nothing (more) to warn of."""
-    if policy.expiry_warning_seconds <= 0 or session.state not in LIVE_STATES:
+    if policy.expiry_warning_seconds <= 0 or not session.is_live:
         return None
     kind, deadline = ending(session)
     if session.warned_for == deadline:
@@ -139,7 +135,7 @@ def warning_at(session: Session, policy: DeadlinePolicy) -> float | None:
 def deadlines(session: Session, policy: DeadlinePolicy) -> dict[DeadlineKind, float]:
     """Every deadline the reaper must watch for this session, by kind (absent: none)."""
     due: dict[DeadlineKind, float] = {}
-    if session.state in LIVE_STATES:
+    if session.is_live:
         due[DeadlineKind.LIFETIME] = session.expires_at
         due[DeadlineKind.IDLE] = session.idle_expires_at
         warn = warning_at(session, policy)
@@ -179,22 +175,21 @@ def on_deadline(
     The deadline may have moved since it was read (a heartbeat, an extension, a state change):
     then nothing happens and the session, stored again, is indexed afresh.
     """
-    live = session.state in LIVE_STATES
+    live = session.is_live
     if kind is DeadlineKind.STARTUP:
         started = session.startup_expires_at
         if session.state is SessionState.PROVISIONING and started is not None and now >= started:
-            seconds = round(started - session.created_at)
-            reason = f"environment did not become ready within {seconds} s (startup timeout)"
-            failed = session.transition(SessionState.FAILED, at=now, reason=reason)
-            return DeadlineOutcome(failed, Effect.TEARDOWN, {"reason": reason})
+            failure = Failure.startup_timeout(started - session.created_at)
+            failed = session.fail(failure, at=now)
+            return DeadlineOutcome(failed, Effect.TEARDOWN, {"reason": failure.message})
     elif kind is DeadlineKind.LIFETIME:
         if live and now >= session.expires_at:
-            ended = session.transition(SessionState.TERMINATING, at=now, reason=LIFETIME_REASON)
-            return DeadlineOutcome(ended, Effect.TEARDOWN, {"reason": LIFETIME_REASON})
+            ended = session.close(CloseReason.LIFETIME, at=now)
+            return DeadlineOutcome(ended, Effect.TEARDOWN, {"reason": CloseReason.LIFETIME.value})
     elif kind is DeadlineKind.IDLE:
         if live and now >= session.idle_expires_at:
-            ended = session.transition(SessionState.TERMINATING, at=now, reason=IDLE_REASON)
-            return DeadlineOutcome(ended, Effect.TEARDOWN, {"reason": IDLE_REASON})
+            ended = session.close(CloseReason.IDLE, at=now)
+            return DeadlineOutcome(ended, Effect.TEARDOWN, {"reason": CloseReason.IDLE.value})
     elif kind is DeadlineKind.TEARDOWN:
         retry_at = deadlines(session, policy).get(DeadlineKind.TEARDOWN)
         if retry_at is not None and now >= retry_at:
@@ -227,7 +222,7 @@ def extend(session: Session, *, now: float) -> Session:
 
     An extension is also a sign of life, so the idle clock starts again.
     """
-    if session.state not in LIVE_STATES:
+    if not session.is_live:
         raise ExtensionRefused("session_closed", f"the session is {session.state.value}")
     if now >= session.expires_at:
         raise ExtensionRefused("session_expired", "the session's lifetime is already over")
@@ -276,9 +271,7 @@ def admit(
     in the same region is a reconnect (a page reload); ``replace_existing`` closes every live
     session of the user and opens a fresh one; otherwise a user at the limit is refused.
     """
-    live = sorted(
-        (s for s in existing if s.state in LIVE_STATES), key=lambda s: (s.created_at, s.id)
-    )
+    live = sorted((s for s in existing if s.is_live), key=lambda s: (s.created_at, s.id))
     if replace_existing:
         return Admission(Decision.OPEN, to_close=tuple(live))
     same = [s for s in live if s.template == template and s.region == region]
@@ -352,3 +345,15 @@ def transition_event(before: Session | None, after: Session) -> ProgressEvent | 
 
 def booting_event(*, ready: int, total: int, at: float) -> ProgressEvent:
     return ProgressEvent(Stage.BOOTING, at, {"ready": ready, "total": total})
+
+
+def booting_progress(before: Session, after: Session, *, at: float) -> ProgressEvent | None:
+    """The ``booting`` event a change of a provisioning session's VMs means, if any: one when
+    the VMs first show up and one each time the number of ready VMs changes (the last one
+    comes with the change to ``ready``)."""
+    if before.state is not SessionState.PROVISIONING or not after.vms:
+        return None
+    ready = sum(1 for vm in after.vms if vm.ready)
+    if before.vms and ready == sum(1 for vm in before.vms if vm.ready):
+        return None
+    return booting_event(ready=ready, total=len(after.vms), at=at)

@@ -1,7 +1,10 @@
 """The session: a learner's claim on one environment, and the rules of its life.
 
-Pure Python: the state machine, deadlines and the VM view. Adapters store it and move it
-between processes as JSON (``to_dict``/``from_dict``).
+Pure Python: the state machine, the named operations that move a session through it (``mark_ready``,
+``fail``, ``close``, ``finish``, ``heartbeat``), the typed reasons a session ends for, and the VM
+view. Services never pick a state or write a reason themselves: they call these operations
+through ``shared.session_life``. Adapters store sessions and move them between processes as JSON
+(``to_dict``/``from_dict``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NewType
+
+from shared.domain.reasons import CloseReason, Failure
 
 SessionId = NewType("SessionId", str)
 EnvironmentId = NewType("EnvironmentId", str)
@@ -31,6 +36,8 @@ class SessionState(StrEnum):
 
 
 FINAL_STATES = frozenset({SessionState.ENDED, SessionState.FAILED})
+# A live session serves its learner (or is about to): its clocks run and it may be closed.
+LIVE_STATES = frozenset({SessionState.PROVISIONING, SessionState.READY})
 
 _ALLOWED: Mapping[SessionState, frozenset[SessionState]] = {
     SessionState.PROVISIONING: frozenset(
@@ -54,6 +61,14 @@ class IllegalTransition(ValueError):
 
 class InvalidUser(ValueError):
     """A user id that labvirt will not put into labels and keys."""
+
+
+class NotLive(ValueError):
+    """An operation that only a live session (provisioning or ready) accepts."""
+
+    def __init__(self, state: SessionState) -> None:
+        super().__init__(f"the session is {state.value}")
+        self.state = state
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,8 @@ class Session:
     warned_for: float | None = None
     # When a teardown was last asked for; a session still terminating long after gets another.
     teardown_requested_at: float | None = None
+    # The CloseReason or FailureKind value that ended the session (None while it is live).
+    ended_by: str | None = None
 
     @property
     def idle_expires_at(self) -> float:
@@ -135,6 +152,38 @@ class Session:
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_STATES
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    # -- the named operations of a session's life -------------------------------------------
+
+    def mark_ready(self, *, vms: Sequence[VmView], at: float) -> Session:
+        """Every VM of a provisioning session is up: the learner may start."""
+        return self.with_vms(vms).transition(SessionState.READY, at=at)
+
+    def fail(self, failure: Failure, *, at: float) -> Session:
+        """A live session that cannot serve any more; ``IllegalTransition`` once it is closing."""
+        if not self.is_live:
+            raise IllegalTransition(self.state, SessionState.FAILED)
+        failed = self.transition(SessionState.FAILED, at=at, reason=failure.message)
+        return replace(failed, ended_by=failure.kind.value)
+
+    def close(self, reason: CloseReason, *, at: float) -> Session:
+        """A live session on its way out: its environment is to be torn down."""
+        closing = self.transition(SessionState.TERMINATING, at=at, reason=reason.value)
+        return replace(closing, ended_by=reason.value)
+
+    def finish(self, *, at: float) -> Session:
+        """A closing session whose environment is gone."""
+        return self.transition(SessionState.ENDED, at=at)
+
+    def heartbeat(self, at: float) -> Session:
+        """A sign of life from the learner: the idle clock starts again."""
+        if not self.is_live:
+            raise NotLive(self.state)
+        return self.seen(at)
 
     def transition(self, wanted: SessionState, *, at: float, reason: str | None = None) -> Session:
         """The session in ``wanted`` state; ``IllegalTransition`` if its life forbids it."""
@@ -208,6 +257,7 @@ class Session:
             "startup_expires_at": self.startup_expires_at,
             "warned_for": self.warned_for,
             "teardown_requested_at": self.teardown_requested_at,
+            "ended_by": self.ended_by,
         }
 
     @classmethod
@@ -233,6 +283,7 @@ class Session:
             startup_expires_at=_optional_float(data.get("startup_expires_at")),
             warned_for=_optional_float(data.get("warned_for")),
             teardown_requested_at=_optional_float(data.get("teardown_requested_at")),
+            ended_by=data.get("ended_by"),
         )
 
 

@@ -9,25 +9,35 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from shared.domain.manifests import VM_LABEL
+from shared.domain.manifests import SESSION_LABEL, VM_LABEL
+from shared.domain.reasons import Failure
 from shared.domain.sessions import VmView
 from shared.domain.templates import Template
+from shared.domain.vmi import Vmi, condition
 
 FINAL_VMI_PHASES: Final = frozenset({"Succeeded", "Failed"})
 
 
-def is_ready(vmi: Mapping[str, Any]) -> bool:
+def is_ready(vmi: Vmi | Mapping[str, Any]) -> bool:
     """Running, Ready condition True, and not being deleted (KubeVirt's own rule)."""
     status = vmi.get("status") or {}
-    if status.get("phase") != "Running" or vmi["metadata"].get("deletionTimestamp"):
+    if status.get("phase") != "Running" or (vmi.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
+    ready = condition(vmi, "Ready")
+    return ready is not None and ready.get("status") == "True"
+
+
+def is_unschedulable(vmi: Vmi | Mapping[str, Any]) -> bool:
+    """The VMI's launcher pod fits on no node (``PodScheduled=False``, ``Unschedulable``)."""
+    scheduled = condition(vmi, "PodScheduled")
+    return (
+        scheduled is not None
+        and scheduled.get("status") == "False"
+        and scheduled.get("reason") == "Unschedulable"
     )
 
 
-def failure_of(vmi: Mapping[str, Any]) -> str | None:
+def failure_of(vmi: Vmi | Mapping[str, Any]) -> str | None:
     """Why this VMI can no longer serve, or None while it can (or still may)."""
     status = vmi.get("status") or {}
     phase = status.get("phase")
@@ -38,7 +48,7 @@ def failure_of(vmi: Mapping[str, Any]) -> str | None:
     return None
 
 
-def vm_views(template: Template, vmis: Iterable[Mapping[str, Any]]) -> list[VmView]:
+def vm_views(template: Template, vmis: Iterable[Vmi | Mapping[str, Any]]) -> list[VmView]:
     """One view per VM of the template, filled from its VMI when there is one."""
     by_vm = {vmi["metadata"].get("labels", {}).get(VM_LABEL): vmi for vmi in vmis}
     views = []
@@ -59,3 +69,24 @@ def vm_views(template: Template, vmis: Iterable[Mapping[str, Any]]) -> list[VmVi
             )
         )
     return views
+
+
+def warm_environment_problem(
+    session_id: str, expected: set[str], vmis: Mapping[str, Vmi | Mapping[str, Any]]
+) -> Failure | None:
+    """Why a claimed warm environment cannot serve ``session_id``, or None when it can."""
+    missing = sorted(expected - vmis.keys())
+    if missing:
+        return Failure.warm_environment_lost(
+            f"warm environment lost its VMs ({', '.join(missing)})"
+        )
+    for name in sorted(expected):
+        vmi = vmis[name]
+        reason = failure_of(vmi)
+        if reason is not None:
+            return Failure.warm_environment_lost(f"warm environment failed: {reason}")
+        holder = ((vmi.get("metadata") or {}).get("labels") or {}).get(SESSION_LABEL)
+        if holder not in (None, session_id):
+            # Claims are exactly-once in Redis; this would mean the cluster disagrees.
+            return Failure.warm_environment_lost(f"VM {name} already belongs to session {holder}")
+    return None

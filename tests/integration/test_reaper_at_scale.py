@@ -1,8 +1,9 @@
 """1,000 sessions expiring at once, three reapers ticking together against a real Redis.
 
-Each reaper is a thread with its own connection running the real tick (``reap_expired``, as the
-``labvirt.reap`` task does); "enqueueing" a teardown is counted per session. All 1,000 must be
-torn down within two ticks, each exactly once.
+Each reaper is a thread with its own connection running the real tick (``SessionLife.reap``, as
+the ``labvirt.reap`` task does), which queues the teardowns it won on a recording Celery port; the
+teardowns sent are counted per session. All 1,000 must be asked to go within two ticks, each
+exactly once.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from services.reaper.tasks import reap_expired
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.config import Settings
 from shared.domain.sessions import SessionState, open_session
+from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
+from shared.session_life import SessionLife
 from tests.conftest import claim_redis_database
+from tests.doubles import RecordingCelery
 
 EXPIRING = 1000
 LIVE = 200
@@ -47,7 +51,7 @@ def seed(store: RedisSessionStore) -> list[str]:
             idle_timeout_seconds=100_000,
             now=NOW,
         )
-        store.add(session.transition(SessionState.READY, at=NOW))
+        store.add(session.mark_ready(vms=(), at=NOW))
         if i < EXPIRING:
             expiring.append(session.id)
     return expiring
@@ -60,12 +64,22 @@ def tick(url: str, now: float, enqueued: Counter[str], lock: threading.Lock) -> 
 
     def reaper(seed_: int) -> None:
         client = redis.Redis.from_url(url)
+        celery = RecordingCelery()
         try:
-            store = RedisSessionStore(client)
+            life = SessionLife(
+                store=RedisSessionStore(client),
+                events=SessionEvents(client),
+                queue=TaskQueue(celery),  # type: ignore[arg-type]
+                clock=lambda: now,
+            )
             barrier.wait()
-            won = reap_expired(store, now=now, batch=BATCH, rng=random.Random(seed_))
+            won = life.reap(batch=BATCH, rng=random.Random(seed_))
+            sent = [(task.name, task.queue) for task in celery.sent]
+            assert sent == [(TEARDOWN, TEARDOWN_QUEUE)] * len(won.teardowns)
+            teardowns = [task.payload["session_id"] for task in celery.sent]
+            assert teardowns == won.teardowns
             with lock:
-                enqueued.update(won.teardowns)
+                enqueued.update(teardowns)
         except BaseException as exc:
             errors.append(exc)
         finally:

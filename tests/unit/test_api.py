@@ -1,10 +1,12 @@
-"""The HTTP API over a hand-built Runtime: fakeredis, a recording Celery port and a fake clock."""
+"""The HTTP API over a hand-built Runtime: fakeredis, a recording Celery port and a fake clock.
+
+The recording port routes each message with Celery's own router, so the queue a test asserts
+is the one ``task_routes`` sends the task to."""
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +24,7 @@ from shared.config import Cluster, Mode, Settings
 from shared.domain.sessions import Session, SessionState
 from shared.jobs import PROVISION, PROVISION_QUEUE, TEARDOWN, TEARDOWN_QUEUE
 from shared.runtime import Runtime
+from tests.doubles import RecordingCelery, SentTask
 
 FRONTEND = "f" * 20
 ADMIN = "a" * 20
@@ -46,28 +49,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@dataclass(frozen=True)
-class SentTask:
-    name: str
-    args: list[Any]
-    queue: str | None
-
-
-@dataclass
-class RecordingCelery:
-    """The Celery port as the API uses it (``send_task``): records each message, sends none."""
-
-    sent: list[SentTask] = field(default_factory=list)
-    fail_with: Exception | None = None
-
-    def send_task(
-        self, name: str, args: list[Any] | None = None, queue: str | None = None, **kw: Any
-    ) -> None:
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.sent.append(SentTask(name, list(args or []), queue))
 
 
 def make_settings() -> Settings:
@@ -318,7 +299,7 @@ def test_create_answers_201_with_the_session_and_its_token(api: Api) -> None:
         "history": [{"state": "provisioning", "at": iso(NOW), "reason": None}],
         "token": body["token"],
     }
-    assert api.celery.sent == [SentTask(PROVISION, [body["id"]], PROVISION_QUEUE)]
+    assert api.celery.sent == [SentTask(PROVISION, {"session_id": body["id"]}, PROVISION_QUEUE)]
     stored = api.stored(body["id"])
     assert stored.state is SessionState.PROVISIONING
     assert stored.token_matches(body["token"])
@@ -339,7 +320,10 @@ def test_each_create_is_a_new_session(api: Api) -> None:
 
     assert first != second
     assert first_token != second_token
-    assert [task.args for task in api.sent(PROVISION)] == [[first], [second]]
+    assert [task.payload for task in api.sent(PROVISION)] == [
+        {"session_id": first},
+        {"session_id": second},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -549,7 +533,7 @@ def test_delete_is_202_and_queues_one_teardown_even_if_repeated(api: Api, token_
         "at": iso(NOW + 10),
         "reason": "deleted",
     }
-    assert api.sent(TEARDOWN) == [SentTask(TEARDOWN, [session_id], TEARDOWN_QUEUE)]
+    assert api.sent(TEARDOWN) == [SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)]
     assert api.sessions.count_deadlines("idle") == 0
 
 
@@ -584,7 +568,7 @@ def test_close_accepts_the_token_however_a_beacon_sends_it(api: Api, how: str) -
     assert response.status_code == 202
     assert response.json["state"] == "terminating"
     assert response.json["reason"] == "closed"
-    assert api.sent(TEARDOWN) == [SentTask(TEARDOWN, [session_id], TEARDOWN_QUEUE)]
+    assert api.sent(TEARDOWN) == [SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)]
 
 
 def test_close_twice_queues_one_teardown(api: Api) -> None:

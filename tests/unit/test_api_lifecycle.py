@@ -25,7 +25,10 @@ def api() -> Api:
 
 
 def with_settings(api: Api, **changes: Any) -> Api:
+    """The API as a process started with these settings serves it: the services the runtime
+    builds from them (``SessionLife``'s limit of sessions per user) are built again."""
     api.runtime.settings = dataclasses.replace(api.runtime.settings, **changes)
+    api.runtime.__post_init__()
     return api
 
 
@@ -44,7 +47,7 @@ def test_a_second_create_for_the_same_template_reconnects_without_a_token(api: A
     assert body["reconnected"] is True
     assert "token" not in body
     assert again.headers["Location"] == f"/v1/sessions/{body['id']}"
-    assert [t.args for t in api.sent(PROVISION)] == [[body["id"]]]  # provisioned once
+    assert [t.payload for t in api.sent(PROVISION)] == [{"session_id": body["id"]}]  # once
     # The first token is still the one that works.
     own = api.call("GET", f"/v1/sessions/{body['id']}", token=first.json["token"])
     assert own.status_code == 200
@@ -81,8 +84,11 @@ def test_replace_closes_the_old_session_and_creates_a_new_one(api: Api) -> None:
     old = api.stored(first["id"])
     assert old.state is SessionState.TERMINATING
     assert old.reason == "replaced"
-    assert [t.args for t in api.sent(TEARDOWN)] == [[first["id"]]]
-    assert [t.args for t in api.sent(PROVISION)] == [[first["id"]], [second["id"]]]
+    assert [t.payload for t in api.sent(TEARDOWN)] == [{"session_id": first["id"]}]
+    assert [t.payload for t in api.sent(PROVISION)] == [
+        {"session_id": first["id"]},
+        {"session_id": second["id"]},
+    ]
 
 
 def test_replace_with_the_same_template_starts_afresh(api: Api) -> None:

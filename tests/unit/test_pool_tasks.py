@@ -1,11 +1,20 @@
 """Pooled environments on a cluster: booting, binding to a session, removing. The simulator
-runs in a thread and answers over real HTTP; pools in the real Redis, sessions in fakeredis."""
+runs in a thread and answers over real HTTP; pools in the real Redis, sessions in fakeredis.
+
+``boot`` only creates an environment's objects: the region's informer, reporting to the
+provisioner's observer, sees the VMs come up and marks the environment ready (or flags it
+while its VMs wait for room). Tests run that informer for as long as they need it
+(``observing``). Tasks the services queue are recorded, not run.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,22 +23,38 @@ import pytest
 import redis
 
 from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
-from services.provisioner.pool_tasks import PoolEnvironments
+from services.provisioner.observer import EnvironmentObserver
+from services.provisioner.pool_environments import UNSCHEDULABLE_REASON, PoolEnvironments
+from shared.adapters.informer import VmiInformer
 from shared.adapters.kube import KubeCluster
 from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.retrying import Backoff
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Cluster
-from shared.domain.lifecycle import clocks_for, start_session
+from shared.domain.lifecycle import clocks_for
 from shared.domain.manifests import (
     MANAGED_BY_SELECTOR,
     POOL_LABEL,
     SESSION_LABEL,
     environment_selector,
 )
-from shared.domain.pools import EnvironmentState, PoolKey, new_warm_environment
+from shared.domain.pools.config import PoolKey
+from shared.domain.pools.environments import EnvironmentState, new_warm_environment
+from shared.domain.reasons import FailureKind
 from shared.domain.recovery import USER_ANNOTATION
-from shared.domain.sessions import EnvironmentId, Session, SessionState
+from shared.domain.sessions import Session, SessionState
+from shared.jobs import (
+    BIND_ENVIRONMENT,
+    CHECK_ENVIRONMENT,
+    PREWARM_QUEUE,
+    RETIRE_ENVIRONMENT,
+    TEARDOWN,
+    TaskQueue,
+)
+from shared.session_life import SessionLife
+from tests.doubles import RecordingCelery, SentTask
 
 NAMESPACE = "default"
 TEMPLATES = load_templates(None)
@@ -73,42 +98,84 @@ def pools(redis_url: str) -> Iterator[RedisPoolStore]:
         client.close()
 
 
+@dataclass
+class World:
+    """What a worker holds: the pool store, the sessions' life and the (recorded) task queue."""
+
+    pools: RedisPoolStore
+    sessions: RedisSessionStore
+    celery: RecordingCelery
+    life: SessionLife
+
+    def environments(self, cluster: Any, *, patience: float = 30.0) -> PoolEnvironments:
+        return PoolEnvironments(
+            pools=self.pools,
+            life=self.life,
+            queue=TaskQueue(self.celery),  # type: ignore[arg-type]
+            templates=TEMPLATES,
+            cluster_for=lambda _: cluster,
+            unschedulable_patience=patience,
+        )
+
+
 @pytest.fixture
-def sessions() -> RedisSessionStore:
-    return RedisSessionStore(fakeredis.FakeRedis())
-
-
-def environments(
-    pools: RedisPoolStore,
-    sessions: RedisSessionStore,
-    cluster: KubeCluster,
-    *,
-    patience: float = 30.0,
-) -> PoolEnvironments:
-    return PoolEnvironments(
+def world(pools: RedisPoolStore) -> World:
+    client = fakeredis.FakeRedis()
+    sessions = RedisSessionStore(client)
+    celery = RecordingCelery()
+    life = SessionLife(
+        store=sessions,
+        events=SessionEvents(client),
+        queue=TaskQueue(celery),  # type: ignore[arg-type]
         pools=pools,
-        sessions=sessions,
-        templates=TEMPLATES,
-        cluster_for=lambda _: cluster,
-        teardown_timeout=10,
-        unschedulable_patience=patience,
     )
+    return World(pools, sessions, celery, life)
+
+
+@contextmanager
+def observing(
+    cluster: KubeCluster, world: World, environments: PoolEnvironments
+) -> Iterator[VmiInformer]:
+    """The region's informer reporting to the provisioner's observer, while the block runs."""
+    observer = EnvironmentObserver(life=world.life, templates=TEMPLATES, pools=environments)
+    informer = VmiInformer(cluster, observer, watch_seconds=1, backoff=Backoff(base=0.01, cap=0.05))
+    informer.start()
+    try:
+        assert informer.synced.wait(10)
+        yield informer
+    finally:
+        informer.stop()
+    assert informer.stats.handler_errors == 0
 
 
 def reserved(pools: RedisPoolStore, key: PoolKey) -> str:
-    # The wall clock: the boot waits on it from the record's creation time.
+    # The wall clock: the pool learns its refill time from the record's creation time.
     [env] = pools.reserve(
         key, [new_warm_environment(key=key, now=time.time())], ceiling=1, max_in_flight=1
     )
     return env.id
 
 
+def state_of(pools: RedisPoolStore, env_id: str) -> EnvironmentState | None:
+    env = pools.environment(env_id)
+    return None if env is None else env.state
+
+
+def booted(world: World, cluster: KubeCluster, key: PoolKey) -> str:
+    """A reserved environment of ``key``'s pool, booted and seen ready by the informer."""
+    env_id = reserved(world.pools, key)
+    environments = world.environments(cluster)
+    with observing(cluster, world, environments):
+        assert environments.boot(env_id).detail == "created"
+        wait_until(lambda: state_of(world.pools, env_id) is EnvironmentState.READY, timeout=20)
+    return env_id
+
+
 def test_a_pooled_environment_boots_with_its_records_token(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
-    env_id = reserved(pools, KUBERNETES)
-    outcome = environments(pools, sessions, cluster).boot(env_id)
-    assert outcome.detail == "ready"
+    pools = world.pools
+    env_id = booted(world, cluster, KUBERNETES)
     env = pools.environment(env_id)
     assert env is not None
     assert env.state is EnvironmentState.READY
@@ -129,68 +196,82 @@ def test_a_pooled_environment_boots_with_its_records_token(
     assert cluster.count_services(environment_selector(env_id)) == 1
     snapshot = pools.snapshot(KUBERNETES)
     assert snapshot.refill_seconds is not None
+    assert snapshot.health.failures == 0
     # Booting it again (a redelivered task) changes nothing.
-    assert environments(pools, sessions, cluster).boot(env_id).detail == "nothing to do: ready"
+    assert world.environments(cluster).boot(env_id).detail == "nothing to do: ready"
+    assert world.celery.sent == []  # no check, no retirement
 
 
-def test_a_retired_environment_is_not_booted(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
-) -> None:
-    env_id = reserved(pools, UBUNTU)
-    assert pools.retire(UBUNTU, env_id)
-    assert environments(pools, sessions, cluster).boot(env_id).detail == "nothing to do: retired"
+def test_a_retired_environment_is_not_booted(world: World, cluster: KubeCluster) -> None:
+    env_id = reserved(world.pools, UBUNTU)
+    assert world.pools.retire(UBUNTU, env_id)
+    assert world.environments(cluster).boot(env_id).detail == "nothing to do: retired"
     assert cluster.list_vmis(environment_selector(env_id))[0] == []
 
 
 def test_an_environment_that_never_fits_fails_and_backs_the_pool_off(
-    pools: RedisPoolStore, sessions: RedisSessionStore, tmp_path: Path
+    world: World, tmp_path: Path
 ) -> None:
+    pools = world.pools
     with running_simulator_in_thread(
         tmp_path, boot_seconds=0.2, time_scale=0.05, nodes=1, node_memory="1Gi"
     ) as tiny:
         small = KubeCluster(Cluster("local", tiny.kubeconfig_path, None, NAMESPACE))
         try:
+            environments = world.environments(small, patience=0.5)
             env_id = reserved(pools, UBUNTU)
-            outcome = environments(pools, sessions, small, patience=0.5).boot(env_id)
+            with observing(small, world, environments):
+                assert environments.boot(env_id).detail == "created"
+                # Its VMs wait for room: the environment is flagged (the prewarmer creates
+                # nothing more in the region) and a check is queued for when patience runs out.
+                [check] = wait_until(lambda: world.celery.named(CHECK_ENVIRONMENT), timeout=20)
+                assert check == SentTask(
+                    CHECK_ENVIRONMENT, {"environment_id": env_id}, PREWARM_QUEUE, countdown=0.5
+                )
+                [booting] = pools.snapshot(UBUNTU).booting
+                assert (booting.env_id, booting.unschedulable) == (env_id, True)
+                # The queued check runs once the patience is over: the VMs still wait.
+                work = environments.check(env_id)
         finally:
             small.close()
-    assert outcome.detail == "failed: no node has room for its VMs (Unschedulable)"
-    assert outcome.retire is True
+    assert work.detail == f"failed: {UNSCHEDULABLE_REASON}"
+    assert work.detail == "failed: no node has room for its VMs (Unschedulable)"
+    assert world.celery.named(RETIRE_ENVIRONMENT) == [
+        SentTask(RETIRE_ENVIRONMENT, {"environment_id": env_id, "region": "local"}, PREWARM_QUEUE)
+    ]
     assert pools.snapshot(UBUNTU).health.failures == 1
-    env = pools.environment(env_id)
-    assert env is not None
-    assert env.state is EnvironmentState.RETIRED
+    assert state_of(pools, env_id) is EnvironmentState.RETIRED
+    # A check that comes again (a redelivered task) does nothing more.
+    assert environments.check(env_id).detail == "nothing to do"
+    assert len(world.celery.named(RETIRE_ENVIRONMENT)) == 1
 
 
-def warm_session(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster, key: PoolKey
-) -> Session:
-    """A session that claimed a booted environment of ``key``'s pool, as the API makes one."""
-    env_id = reserved(pools, key)
-    assert environments(pools, sessions, cluster).boot(env_id).detail == "ready"
-    opened, _ = start_session(
+def warm_session(world: World, cluster: KubeCluster, key: PoolKey) -> Session:
+    """A session that claimed a booted environment of ``key``'s pool, opened as the API does."""
+    env_id = booted(world, cluster, key)
+    opened = world.life.open(
         user="alice",
         template=key.template,
         region=key.region,
         clocks=clocks_for(TEMPLATES[key.template]),
-        now=1_700_000_000.0,
+        replace=False,
     )
-    claimed = pools.claim(key, session_id=opened.id, at=opened.created_at)
-    assert claimed is not None
-    session = opened.warm_start(
-        environment_id=EnvironmentId(claimed.id), vms=claimed.vms, at=opened.created_at
+    session = opened.session
+    assert (session.warm, session.environment_id, session.state) == (
+        True,
+        env_id,
+        SessionState.READY,
     )
-    sessions.add(session)
+    assert world.celery.payloads(BIND_ENVIRONMENT) == [{"session_id": session.id}]
     return session
 
 
-def test_binding_labels_every_vmi_with_its_session(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
-) -> None:
-    session = warm_session(pools, sessions, cluster, KUBERNETES)
+def test_binding_labels_every_vmi_with_its_session(world: World, cluster: KubeCluster) -> None:
+    pools = world.pools
+    session = warm_session(world, cluster, KUBERNETES)
     assert pools.unbound_claims(KUBERNETES, before=2e9) != []
-    outcome = environments(pools, sessions, cluster).bind(session.id)
-    assert outcome.detail == "bound"
+    work = world.environments(cluster).bind(session.id)
+    assert work.detail == "bound"
     vmis, _ = cluster.list_vmis(environment_selector(session.environment_id))
     assert len(vmis) == 2
     for vmi in vmis:
@@ -199,7 +280,8 @@ def test_binding_labels_every_vmi_with_its_session(
         assert POOL_LABEL not in labels
         assert vmi["metadata"]["annotations"][USER_ANNOTATION] == "alice"
     assert pools.unbound_claims(KUBERNETES, before=2e9) == []
-    assert environments(pools, sessions, cluster).bind(session.id).detail == "bound"
+    assert world.environments(cluster).bind(session.id).detail == "bound"
+    assert world.sessions.require(session.id).state is SessionState.READY
 
 
 class ChangingCluster:
@@ -220,17 +302,10 @@ class ChangingCluster:
         return self._cluster.patch_vmi(name, patch)
 
 
-def test_binding_reads_again_after_a_conflict(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
-) -> None:
-    session = warm_session(pools, sessions, cluster, UBUNTU)
+def test_binding_reads_again_after_a_conflict(world: World, cluster: KubeCluster) -> None:
+    session = warm_session(world, cluster, UBUNTU)
     changing = ChangingCluster(cluster)
-    bind = PoolEnvironments(
-        pools=pools,
-        sessions=sessions,
-        templates=TEMPLATES,
-        cluster_for=lambda _: changing,  # type: ignore[arg-type,return-value]
-    )
+    bind = world.environments(changing)
     assert bind.bind(session.id).detail == "bound"
     assert changing.patches == 2  # the first met a 409 (stale resourceVersion)
     [vmi] = cluster.list_vmis(environment_selector(session.environment_id))[0]
@@ -239,27 +314,34 @@ def test_binding_reads_again_after_a_conflict(
 
 
 def test_a_claimed_environment_that_vanished_fails_its_session(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
-    session = warm_session(pools, sessions, cluster, UBUNTU)
+    session = warm_session(world, cluster, UBUNTU)
     selector = environment_selector(session.environment_id)
     cluster.delete_vmis(selector)
     wait_until(lambda: not cluster.list_vmis(selector)[0], timeout=10)
-    outcome = environments(pools, sessions, cluster).bind(session.id)
-    assert outcome.teardown_session == session.id
-    failed = sessions.require(session.id)
+    work = world.environments(cluster).bind(session.id)
+    assert work.detail.startswith("failed: warm environment lost its VMs")
+    # Its teardown is queued, once, by the failing of the session.
+    assert world.celery.payloads(TEARDOWN) == [{"session_id": session.id}]
+    failed = world.sessions.require(session.id)
     assert failed.state is SessionState.FAILED
     assert failed.reason is not None
     assert "lost its VMs" in failed.reason
+    assert failed.ended_by == FailureKind.WARM_ENVIRONMENT_LOST.value
+    assert world.pools.unbound_claims(UBUNTU, before=2e9) == []
 
 
 def test_removing_a_retired_environment_deletes_its_objects(
-    pools: RedisPoolStore, sessions: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
-    env_id = reserved(pools, KUBERNETES)
-    warm = environments(pools, sessions, cluster)
-    assert warm.boot(env_id).detail == "ready"
-    assert pools.retire(KUBERNETES, env_id)
+    env_id = booted(world, cluster, KUBERNETES)
+    warm = world.environments(cluster)
+    selector = environment_selector(env_id)
+    assert world.pools.retire(KUBERNETES, env_id)
+    # Deleted at once; VMIs may linger while their finalizer runs, and the task says so.
+    first = warm.remove(env_id, "local")
+    assert re.fullmatch(r"removed|deleting [12] VMI\(s\)", first.detail), first.detail
+    assert cluster.count_services(selector) == 0
+    wait_until(lambda: not cluster.list_vmis(selector)[0], timeout=10)
     assert warm.remove(env_id, "local").detail == "removed"
-    assert cluster.list_vmis(environment_selector(env_id))[0] == []
-    assert cluster.count_services(environment_selector(env_id)) == 0

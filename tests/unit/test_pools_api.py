@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import fakeredis
@@ -24,10 +23,12 @@ from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Cluster, Mode, Settings
-from shared.domain.pools import PoolConfig, PoolKey, PoolMode, new_warm_environment
+from shared.domain.pools.config import PoolConfig, PoolKey, PoolMode
+from shared.domain.pools.environments import new_warm_environment
 from shared.domain.sessions import SessionState, VmView
 from shared.jobs import BIND_ENVIRONMENT, PROVISION, PROVISION_QUEUE
 from shared.runtime import Runtime
+from tests.doubles import RecordingCelery
 
 FRONTEND = "f" * 20
 ADMIN = "a" * 20
@@ -35,23 +36,6 @@ NOW = 1_700_000_000.0
 TEMPLATES = load_templates(None)
 UBUNTU = PoolKey("local", "ubuntu")
 VMS = [VmView(name="ubuntu", hostname="ubuntu", ip="10.244.1.7", phase="Running", ready=True)]
-
-
-@dataclass
-class Sent:
-    name: str
-    args: list[Any]
-    queue: str | None
-
-
-@dataclass
-class RecordingCelery:
-    sent: list[Sent] = field(default_factory=list)
-
-    def send_task(
-        self, name: str, args: list[Any] | None = None, queue: str | None = None, **_: Any
-    ) -> None:
-        self.sent.append(Sent(name, list(args or []), queue))
 
 
 class Clock:
@@ -155,8 +139,8 @@ def test_a_create_takes_a_warm_environment_ready_at_once(api: PoolsApi) -> None:
         NOW,
     )
     assert [h.state for h in stored.history] == [SessionState.PROVISIONING, SessionState.READY]
-    assert [(s.name, s.args, s.queue) for s in api.celery.sent] == [
-        (BIND_ENVIRONMENT, [body["id"]], PROVISION_QUEUE)
+    assert [(s.name, s.payload, s.queue) for s in api.celery.sent] == [
+        (BIND_ENVIRONMENT, {"session_id": body["id"]}, PROVISION_QUEUE)
     ]
     assert api.pools is not None
     claimed = api.pools.environment(env_id)

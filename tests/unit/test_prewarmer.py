@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 import redis
 
-from services.prewarmer.reconcile import (
+from services.prewarmer.prewarmer import (
     UNBOUND_CLAIM_GRACE_SECONDS,
     Prewarmer,
     PrewarmSettings,
@@ -20,17 +19,12 @@ from services.prewarmer.reconcile import (
 from shared.adapters.memory_pool_store import MemoryPoolStore
 from shared.adapters.pool_store import PoolStore, RedisPoolStore
 from shared.adapters.template_files import load_templates
-from shared.domain.pools import (
-    LEAD_SECONDS,
-    SLOT_SECONDS,
-    WEEK_SECONDS,
-    PoolConfig,
-    PoolKey,
-    PoolMode,
-    WarmEnvironment,
-)
+from shared.domain.pools.config import PoolConfig, PoolKey, PoolMode
+from shared.domain.pools.demand import SLOT_SECONDS, WEEK_SECONDS
+from shared.domain.pools.environments import WarmEnvironment
+from shared.domain.pools.target import LEAD_SECONDS
 from shared.domain.sessions import VmView
-from shared.jobs import BIND_ENVIRONMENT, PREWARM_ENVIRONMENT, RETIRE_ENVIRONMENT
+from shared.jobs import BIND_ENVIRONMENT, PREWARM_ENVIRONMENT, RETIRE_ENVIRONMENT, check_payload
 
 START = 1_700_000_000.0
 TEMPLATES = load_templates(None)
@@ -49,18 +43,21 @@ class Clock:
 
 
 class Queue:
+    """The prewarmer's ``enqueue(name, payload)``; every payload must be its task's."""
+
     def __init__(self) -> None:
-        self.sent: list[tuple[str, list[Any]]] = []
+        self.sent: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()
 
-    def __call__(self, name: str, args: list[Any]) -> None:
+    def __call__(self, name: str, payload: Mapping[str, str]) -> None:
+        checked = check_payload(name, payload)  # raises on a payload the task would refuse
         with self._lock:
-            self.sent.append((name, args))
+            self.sent.append((name, checked))
 
-    def take(self, name: str) -> list[list[Any]]:
+    def take(self, name: str) -> list[dict[str, str]]:
         with self._lock:
-            taken = [args for n, args in self.sent if n == name]
-            self.sent = [(n, a) for n, a in self.sent if n != name]
+            taken = [payload for n, payload in self.sent if n == name]
+            self.sent = [(n, p) for n, p in self.sent if n != name]
         return taken
 
 
@@ -101,7 +98,8 @@ def prewarmer(
 
 def boot_all(store: PoolStore, queue: Queue, clock: Clock, key: PoolKey = UBUNTU) -> None:
     """What the prewarm workers would do: every enqueued boot becomes ready now."""
-    for [env_id] in queue.take(PREWARM_ENVIRONMENT):
+    for payload in queue.take(PREWARM_ENVIRONMENT):
+        env_id = payload["environment_id"]
         env = store.environment(env_id)
         assert env is not None
         store.mark_ready(PoolKey(env.region, env.template), env_id, vms=VMS, at=clock.now)
@@ -152,7 +150,10 @@ def test_a_smaller_size_retires_the_surplus(store: PoolStore) -> None:
     warmer.tick()
     retired = queue.take(RETIRE_ENVIRONMENT)
     assert len(retired) == 3
-    assert all(region == "local" for _, region in retired)
+    assert all(payload["region"] == "local" for payload in retired)
+    assert {payload["environment_id"] for payload in retired}.isdisjoint(
+        env.env_id for env in store.snapshot(UBUNTU).ready
+    )
     assert len(store.snapshot(UBUNTU).ready) == 1
 
 
@@ -177,13 +178,13 @@ def test_vmis_waiting_for_capacity_stop_every_pool_of_the_region(store: PoolStor
     store.set_config(UBUNTU, PoolConfig(size=2))
     warmer.tick()
     [first, _] = queue.take(PREWARM_ENVIRONMENT)
-    store.mark_unschedulable(first[0], unschedulable=True)
+    store.mark_unschedulable(first["environment_id"], unschedulable=True)
     store.set_config(KUBERNETES, PoolConfig(size=2))
     clock.now += 5
     outcomes = {o.key: o for o in warmer.tick()}
     assert outcomes[KUBERNETES].created == 0
     assert outcomes[KUBERNETES].blocked == "capacity"
-    store.mark_unschedulable(first[0], unschedulable=False)
+    store.mark_unschedulable(first["environment_id"], unschedulable=False)
     clock.now += 5
     warmer.tick()
     assert len(queue.take(PREWARM_ENVIRONMENT)) == 2
@@ -255,8 +256,11 @@ def test_claims_whose_bind_never_came_are_bound_again_or_removed(store: PoolStor
     assert queue.sent == []
     clock.now += UNBOUND_CLAIM_GRACE_SECONDS
     warmer.tick()
-    assert queue.take(BIND_ENVIRONMENT) == [["s-live"]]
-    assert len(queue.take(RETIRE_ENVIRONMENT)) == 1
+    assert queue.take(BIND_ENVIRONMENT) == [{"session_id": "s-live"}]
+    [retired] = queue.take(RETIRE_ENVIRONMENT)
+    orphan = store.environment(retired["environment_id"])
+    assert orphan is not None
+    assert (orphan.session_id, retired["region"]) == ("s-gone", "local")
     clock.now += 5
     warmer.tick()
     assert queue.sent == []  # dealt with once
@@ -288,13 +292,13 @@ def run_class(
             env = store.claim(UBUNTU, session_id=session_id, at=at)
             store.record_claim(UBUNTU, session_id=session_id, hit=env is not None, at=at)
             if env is not None:
-                store.bound(UBUNTU, env.id)
+                store.forget_claim(UBUNTU, env.id)
             hits, misses = hits + (env is not None), misses + (env is None)
         if clock.now % 5 == 0:
             warmer.tick()
             started = queue.take(PREWARM_ENVIRONMENT)
-            for [env_id] in started:
-                booting[env_id] = clock.now + 30
+            for payload in started:
+                booting[payload["environment_id"]] = clock.now + 30
             if reacted_at is None and len(booting) + len(store.snapshot(UBUNTU).ready) >= 10:
                 reacted_at = clock.now
         clock.now += 1

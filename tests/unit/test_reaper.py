@@ -1,17 +1,27 @@
-"""reap_expired on fakeredis with a controlled ``now``: who expires, who survives, who wins."""
+"""The reaper (``SessionLife.reap``) on a real Redis with a controlled clock: who expires, who
+survives, who wins, and that what a reaper wins it queues for teardown, once.
+
+Every test starts on an empty database of the suite's own Redis (``redis_url``); racing
+reapers and API processes each get a connection of their own, as separate processes would.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import fakeredis
 import pytest
+import redis
 
-from services.reaper.tasks import reap_expired as reap_tick
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
+from shared.domain.reasons import CloseReason
 from shared.domain.sessions import Session, SessionId, SessionState, open_session
+from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
+from shared.session_life import Reaped, SessionLife
+from tests.conftest import flush_database
+from tests.doubles import RecordingCelery, SentTask
 
 NOW = 1_700_000_000.0
 P, R, T, E = (
@@ -20,6 +30,27 @@ P, R, T, E = (
     SessionState.TERMINATING,
     SessionState.ENDED,
 )
+
+
+def reap_tick(
+    store: RedisSessionStore, *, now: float, batch: int, celery: RecordingCelery | None = None
+) -> Reaped:
+    """One reaper pass at ``now``; checks that it queued one teardown for each session it won,
+    on the teardown queue, and nothing else."""
+    celery = celery if celery is not None else RecordingCelery()
+    before = len(celery.sent)
+    life = SessionLife(
+        store=store,
+        events=SessionEvents(store._redis),
+        queue=TaskQueue(celery),  # type: ignore[arg-type]
+        clock=lambda: now,
+    )
+    reaped = life.reap(batch=batch)
+    assert celery.sent[before:] == [
+        SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)
+        for session_id in reaped.teardowns
+    ]
+    return reaped
 
 
 def reap_expired(store: RedisSessionStore, *, now: float, batch: int) -> list[str]:
@@ -45,31 +76,43 @@ def add_session(
         now=created,
     )
     if state is not P:
-        session = session.transition(R, at=created)
+        session = session.mark_ready(vms=(), at=created)
     store.add(session)
     return session
 
 
 @pytest.fixture
-def server() -> fakeredis.FakeServer:
-    return fakeredis.FakeServer()
+def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
+    """New connections to an empty database, closed (and the database emptied) afterwards."""
+    flush_database(redis_url)
+    clients: list[redis.Redis] = []
+
+    def new_client() -> redis.Redis:
+        client = redis.Redis.from_url(redis_url)
+        clients.append(client)
+        return client
+
+    yield new_client
+    for client in clients:
+        client.close()
+    flush_database(redis_url)
 
 
 @pytest.fixture
-def client(server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis(server=server)
+def client(connect: Callable[[], redis.Redis]) -> redis.Redis:
+    return connect()
 
 
 @pytest.fixture
-def store(client: fakeredis.FakeRedis) -> RedisSessionStore:
+def store(client: redis.Redis) -> RedisSessionStore:
     return RedisSessionStore(client)
 
 
-def idle_deadline(client: fakeredis.FakeRedis, session_id: str) -> float | None:
+def idle_deadline(client: redis.Redis, session_id: str) -> float | None:
     return client.zscore("labvirt:deadline:idle", session_id)
 
 
-def lifetime_deadline(client: fakeredis.FakeRedis, session_id: str) -> float | None:
+def lifetime_deadline(client: redis.Redis, session_id: str) -> float | None:
     return client.zscore("labvirt:deadline:lifetime", session_id)
 
 
@@ -78,7 +121,7 @@ def lifetime_deadline(client: fakeredis.FakeRedis, session_id: str) -> float | N
 
 @pytest.mark.parametrize("state", [P, R])
 def test_expires_by_lifetime(
-    store: RedisSessionStore, client: fakeredis.FakeRedis, state: SessionState
+    store: RedisSessionStore, client: redis.Redis, state: SessionState
 ) -> None:
     session = add_session(store, lifetime=600, idle=3600, state=state)
 
@@ -115,9 +158,7 @@ def test_a_session_past_both_deadlines_is_reaped_once(store: RedisSessionStore) 
     assert [t.state for t in reaped.history].count(T) == 1
 
 
-def test_live_sessions_are_left_alone(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
-) -> None:
+def test_live_sessions_are_left_alone(store: RedisSessionStore, client: redis.Redis) -> None:
     young = add_session(store, lifetime=7200, idle=300, created=NOW + 1000)
     old = add_session(store, lifetime=7200, idle=300, created=NOW)
 
@@ -137,7 +178,7 @@ def test_nothing_to_do_is_cheap_and_harmless(store: RedisSessionStore) -> None:
 class HeartbeatAfterDue(RedisSessionStore):
     """A learner's heartbeat lands just after this reaper read what is due."""
 
-    def __init__(self, client: fakeredis.FakeRedis, beat: Callable[[str], None]) -> None:
+    def __init__(self, client: redis.Redis, beat: Callable[[str], None]) -> None:
         super().__init__(client)
         self._beat = beat
 
@@ -151,7 +192,7 @@ class HeartbeatAfterDue(RedisSessionStore):
 class HeartbeatInsideSettle(RedisSessionStore):
     """A learner's heartbeat lands after this reaper read the session, before it commits."""
 
-    def __init__(self, client: fakeredis.FakeRedis, beat: Callable[[str], None]) -> None:
+    def __init__(self, client: redis.Redis, beat: Callable[[str], None]) -> None:
         super().__init__(client)
         self._beat = beat
 
@@ -169,18 +210,18 @@ class HeartbeatInsideSettle(RedisSessionStore):
 
 @pytest.mark.parametrize("racing_store", [HeartbeatAfterDue, HeartbeatInsideSettle])
 def test_a_heartbeat_after_due_was_read_keeps_the_session_and_its_deadline(
-    server: fakeredis.FakeServer, racing_store: type[RedisSessionStore]
+    connect: Callable[[], redis.Redis], racing_store: type[RedisSessionStore]
 ) -> None:
-    api_client = fakeredis.FakeRedis(server=server)
+    api_client = connect()
     api = RedisSessionStore(api_client)  # another process
     session = add_session(api, lifetime=7200, idle=300)
     tick = NOW + 301  # idle deadline (NOW + 300) has passed
     beat_at = NOW + 300.5
 
     def beat(session_id: str) -> None:
-        api.update(session_id, lambda s: s.seen(beat_at))
+        api.update(session_id, lambda s: s.heartbeat(beat_at))
 
-    reaper = racing_store(fakeredis.FakeRedis(server=server), beat)  # type: ignore[call-arg]
+    reaper = racing_store(connect(), beat)  # type: ignore[call-arg]
 
     assert reap_expired(reaper, now=tick, batch=10) == []
 
@@ -196,15 +237,15 @@ def test_a_heartbeat_after_due_was_read_keeps_the_session_and_its_deadline(
 
 
 def test_a_heartbeat_does_not_save_a_session_past_its_lifetime(
-    server: fakeredis.FakeServer,
+    connect: Callable[[], redis.Redis],
 ) -> None:
-    api = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    api = RedisSessionStore(connect())
     session = add_session(api, lifetime=600, idle=300)
 
     def beat(session_id: str) -> None:
-        api.update(session_id, lambda s: s.seen(NOW + 600))
+        api.update(session_id, lambda s: s.heartbeat(NOW + 600))
 
-    reaper = HeartbeatAfterDue(fakeredis.FakeRedis(server=server), beat)
+    reaper = HeartbeatAfterDue(connect(), beat)
 
     assert reap_expired(reaper, now=NOW + 600, batch=10) == [session.id]
     assert api.require(session.id).reason == "maximum lifetime reached"
@@ -226,14 +267,14 @@ def test_a_second_tick_finds_nothing_more(store: RedisSessionStore) -> None:
 
 
 def test_sessions_already_terminating_are_not_counted(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
+    store: RedisSessionStore, client: redis.Redis
 ) -> None:
     closed = add_session(store, idle=300)
-    store.update(closed.id, lambda s: s.transition(T, at=NOW + 10, reason="deleted"))
+    store.update(closed.id, lambda s: s.close(CloseReason.DELETED, at=NOW + 10))
     # Even with a stale deadline left behind (say, by a crashed writer), it is not reaped again.
     client.zadd("labvirt:deadline:idle", {closed.id: NOW + 300})
     ended = add_session(store, idle=300)
-    store.update(ended.id, lambda s: s.transition(T, at=NOW).transition(E, at=NOW))
+    store.update(ended.id, lambda s: s.close(CloseReason.CLOSED, at=NOW).finish(at=NOW))
 
     # (Before its teardown is due for a retry: see the stuck-teardown tests.)
     assert reap_expired(store, now=NOW + 305, batch=10) == []
@@ -246,24 +287,24 @@ def test_sessions_already_terminating_are_not_counted(
 
 
 def test_a_session_closed_after_the_tick_read_it_is_not_won(
-    server: fakeredis.FakeServer,
+    connect: Callable[[], redis.Redis],
 ) -> None:
-    api = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    api = RedisSessionStore(connect())
     closed = add_session(api, idle=300)
     free = add_session(api, idle=300)
 
     def close(session_id: str) -> None:
         if session_id == closed.id:  # the learner closed it: the API queued its teardown
-            api.update(session_id, lambda s: s.transition(T, at=NOW + 299, reason="closed"))
+            api.update(session_id, lambda s: s.close(CloseReason.CLOSED, at=NOW + 299))
 
-    reaper = HeartbeatAfterDue(fakeredis.FakeRedis(server=server), close)
+    reaper = HeartbeatAfterDue(connect(), close)
 
     assert reap_expired(reaper, now=NOW + 300, batch=10) == [free.id]
     assert api.require(closed.id).reason == "closed"
 
 
 def test_a_deadline_whose_session_is_gone_is_skipped(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
+    store: RedisSessionStore, client: redis.Redis
 ) -> None:
     gone = add_session(store, idle=300)
     kept = add_session(store, idle=300)
@@ -274,10 +315,10 @@ def test_a_deadline_whose_session_is_gone_is_skipped(
 
 
 def test_two_reapers_that_read_the_same_due_set_never_both_win(
-    server: fakeredis.FakeServer,
+    connect: Callable[[], redis.Redis],
 ) -> None:
     """Both reapers read every due list before either takes anything: the worst interleaving."""
-    setup = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    setup = RedisSessionStore(connect())
     by_lifetime = [add_session(setup, lifetime=100, idle=10_000) for _ in range(10)]
     by_idle = [add_session(setup, lifetime=10_000, idle=100) for _ in range(10)]
     alive = add_session(setup, lifetime=10_000, idle=10_000)
@@ -294,7 +335,7 @@ def test_two_reapers_that_read_the_same_due_set_never_both_win(
 
     def run(name: str) -> None:
         try:
-            reaper = InLockstep(fakeredis.FakeRedis(server=server))
+            reaper = InLockstep(connect())
             won[name] = reap_expired(reaper, now=NOW + 100, batch=100)
         except BaseException as exc:
             errors.append(exc)
@@ -316,9 +357,11 @@ def test_two_reapers_that_read_the_same_due_set_never_both_win(
     assert setup.require(alive.id).state is R
 
 
-def test_sequential_reapers_over_one_server_never_both_win(server: fakeredis.FakeServer) -> None:
-    first = RedisSessionStore(fakeredis.FakeRedis(server=server))
-    second = RedisSessionStore(fakeredis.FakeRedis(server=server))
+def test_sequential_reapers_over_one_server_never_both_win(
+    connect: Callable[[], redis.Redis],
+) -> None:
+    first = RedisSessionStore(connect())
+    second = RedisSessionStore(connect())
     sessions = [add_session(first, idle=100) for _ in range(5)]
 
     won_first = reap_expired(first, now=NOW + 100, batch=3)
@@ -370,16 +413,14 @@ class DiesBeforeCommitting(RedisSessionStore):
 
 
 def test_a_reaper_that_dies_before_committing_loses_no_deadline(
-    server: fakeredis.FakeServer,
+    connect: Callable[[], redis.Redis],
 ) -> None:
     """The known gap of a separate ZREM gate: the winner died, the deadline was gone for good."""
-    store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+    store = RedisSessionStore(connect())
     session = add_session(store, idle=300)
 
     with pytest.raises(SystemExit):
-        reap_expired(
-            DiesBeforeCommitting(fakeredis.FakeRedis(server=server)), now=NOW + 300, batch=10
-        )
+        reap_expired(DiesBeforeCommitting(connect()), now=NOW + 300, batch=10)
 
     assert store.require(session.id).state is R
     assert store.due("idle", NOW + 300, 10) == [session.id]
@@ -391,8 +432,16 @@ def test_a_reaper_that_dies_before_enqueueing_has_its_teardown_asked_for_again(
 ) -> None:
     retry = store.policy.teardown_retry_seconds
     session = add_session(store, idle=300)
-    assert reap_expired(store, now=NOW + 300, batch=10) == [session.id]
-    # ...and the process died before sending the teardown: the session sits in terminating.
+    # The reaper commits, then cannot send the teardown (the broker is gone, or so is the
+    # process): the session sits in terminating with nobody working on it.
+    with pytest.raises(ConnectionError):
+        reap_tick(
+            store,
+            now=NOW + 300,
+            batch=10,
+            celery=RecordingCelery(fail_with=ConnectionError("broker unreachable")),
+        )
+    assert store.require(session.id).state is T
 
     assert reap_expired(store, now=NOW + 300 + retry - 1, batch=10) == []
     assert reap_expired(store, now=NOW + 300 + retry, batch=10) == [session.id]
@@ -408,8 +457,8 @@ def test_a_reaper_that_dies_before_enqueueing_has_its_teardown_asked_for_again(
 def test_a_teardown_that_finished_is_not_asked_for_again(store: RedisSessionStore) -> None:
     retry = store.policy.teardown_retry_seconds
     session = add_session(store, idle=300)
-    store.update(session.id, lambda s: s.transition(T, at=NOW, reason="closed"))
-    store.update(session.id, lambda s: s.transition(E, at=NOW + 2))
+    store.update(session.id, lambda s: s.close(CloseReason.CLOSED, at=NOW))
+    store.update(session.id, lambda s: s.finish(at=NOW + 2))
 
     assert reap_expired(store, now=NOW + 10 * retry, batch=10) == []
     assert store.count_deadlines("teardown") == 0
@@ -448,7 +497,7 @@ def test_provisioning_past_the_startup_timeout_fails_and_is_torn_down(
 
 def test_a_session_that_became_ready_has_no_startup_deadline(store: RedisSessionStore) -> None:
     session = add_booting(store, startup=600)
-    store.update(session.id, lambda s: s.transition(R, at=NOW + 30))
+    store.update(session.id, lambda s: s.mark_ready(vms=(), at=NOW + 30))
 
     assert store.count_deadlines("startup") == 0
     assert reap_expired(store, now=NOW + 601, batch=10) == []
@@ -458,12 +507,12 @@ def test_a_session_that_became_ready_has_no_startup_deadline(store: RedisSession
 # -- expiring-soon ---------------------------------------------------------------------------
 
 
-def stages(client: fakeredis.FakeRedis, session_id: str) -> list[str]:
+def stages(client: redis.Redis, session_id: str) -> list[str]:
     return [f[b"stage"].decode() for _, f in client.xrange(f"labvirt:events:{session_id}")]
 
 
 def test_expiring_soon_is_sent_once_per_deadline(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
+    store: RedisSessionStore, client: redis.Redis
 ) -> None:
     # Lifetime 600 s, lead 300 s (the default warning): the warning falls due at NOW + 300.
     session = add_session(store, lifetime=600, idle=10_000)
@@ -481,12 +530,12 @@ def test_expiring_soon_is_sent_once_per_deadline(
 
 
 def test_a_heartbeat_re_arms_the_idle_warning(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
+    store: RedisSessionStore, client: redis.Redis
 ) -> None:
     # Idle 100 s: the lead is capped at half of it, 50 s.
     session = add_session(store, lifetime=10_000, idle=100)
     assert reap_tick(store, now=NOW + 50, batch=10).warnings == [session.id]
-    store.update(session.id, lambda s: s.seen(NOW + 60))
+    store.update(session.id, lambda s: s.heartbeat(NOW + 60))
 
     assert reap_tick(store, now=NOW + 109, batch=10).warnings == []
     assert reap_tick(store, now=NOW + 110, batch=10).warnings == [session.id]

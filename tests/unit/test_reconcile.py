@@ -1,6 +1,13 @@
 """The reconciler against the simulator over HTTP (on a thread) and fakeredis, with ``now`` in
-the test's hands: orphans, vanished and failed VMs, rebuilds after Redis lost its data, pools,
-and that a second pass does nothing."""
+the test's hands: orphans, vanished and failed VMs, sessions whose readiness went unseen,
+rebuilds after Redis lost its data, pools, and that a second pass does nothing.
+
+Sessions are made as the API and the provisioner make them: ``Provisioner.provision`` creates
+the environment and the region's informer, reporting to the provisioner's observer, marks it
+ready. No informer runs while the reconciler is judged (it would fail or ready sessions first):
+``provisioned`` drives the informer's list itself until the session is ready. The tasks a pass
+queues (a failed session's teardown) are recorded, not run.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +22,12 @@ import pytest
 
 from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
 from services.provisioner.environments import Provisioner
-from services.reaper.reconcile import PoolOwnership, Reconciler, Report
+from services.provisioner.observer import EnvironmentObserver
+from services.reaper.reconciler import PoolOwnership, Reconciler, Report
+from shared.adapters.informer import VmiInformer
 from shared.adapters.kube import KubeCluster
 from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Cluster
@@ -28,9 +38,13 @@ from shared.domain.manifests import (
     build_environment,
     environment_selector,
 )
+from shared.domain.reasons import Failure, FailureKind
 from shared.domain.recovery import EXPIRES_AT_ANNOTATION, session_annotations
 from shared.domain.sessions import Session, SessionState
 from shared.domain.vmi_status import is_ready
+from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
+from shared.session_life import SessionLife
+from tests.doubles import RecordingCelery, SentTask
 
 # The shipped ubuntu template without its readiness probe (5 s initial delay): boots at once.
 _SHIPPED = load_templates(None)["ubuntu"]
@@ -66,9 +80,31 @@ def empty_cluster(cluster: KubeCluster) -> Iterator[None]:
     wait_until(lambda: not cluster.list_vmis(MANAGED_BY_SELECTOR)[0], timeout=10)
 
 
+@dataclass
+class World:
+    """The sessions' store, their life (what the reconciler acts through) and its queue."""
+
+    store: RedisSessionStore
+    celery: RecordingCelery
+    life: SessionLife
+
+
 @pytest.fixture
-def store() -> RedisSessionStore:
-    return RedisSessionStore(fakeredis.FakeRedis())
+def world() -> World:
+    client = fakeredis.FakeRedis()
+    store = RedisSessionStore(client)
+    celery = RecordingCelery()
+    life = SessionLife(
+        store=store,
+        events=SessionEvents(client),
+        queue=TaskQueue(celery),  # type: ignore[arg-type]
+    )
+    return World(store, celery, life)
+
+
+@pytest.fixture
+def store(world: World) -> RedisSessionStore:
+    return world.store
 
 
 @dataclass
@@ -90,10 +126,10 @@ class FakePools:
 
 
 def reconciler(
-    store: RedisSessionStore, cluster: KubeCluster, pools: PoolOwnership | None = None
+    world: World, cluster: KubeCluster, pools: PoolOwnership | None = None
 ) -> Reconciler:
     return Reconciler(
-        sessions=store,
+        life=world.life,
         templates=TEMPLATES,
         cluster_for=lambda region: cluster,
         pools=pools,
@@ -101,8 +137,32 @@ def reconciler(
     )
 
 
-def provisioned(store: RedisSessionStore, cluster: KubeCluster, *, user: str = "alice") -> Session:
-    """A session made the way the API and the provisioner make one, ready on the simulator."""
+@dataclass
+class Pass:
+    """One reconciler pass: its report and the tasks it queued."""
+
+    report: Report
+    queued: list[SentTask]
+
+    @property
+    def quiet(self) -> bool:
+        return not self.report.changed and not self.report.provisions and not self.queued
+
+
+def reconcile(
+    world: World, cluster: KubeCluster, *, now: float, pools: PoolOwnership | None = None
+) -> Pass:
+    before = len(world.celery.sent)
+    report = reconciler(world, cluster, pools).reconcile("local", now=now)
+    return Pass(report, world.celery.sent[before:])
+
+
+def teardown_of(session_id: str) -> SentTask:
+    return SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)
+
+
+def opened(world: World, *, user: str = "alice") -> Session:
+    """A session as the API opens one (cold: there are no pools here)."""
     session, _ = start_session(
         user=user,
         template="ubuntu",
@@ -110,12 +170,30 @@ def provisioned(store: RedisSessionStore, cluster: KubeCluster, *, user: str = "
         clocks=clocks_for(TEMPLATES["ubuntu"]),
         now=time.time(),
     )
-    store.add(session)
+    world.store.add(session)
+    return session
+
+
+def provisioned(world: World, cluster: KubeCluster, *, user: str = "alice") -> Session:
+    """A session made the way the API and the provisioner make one, ready on the simulator."""
+    session = opened(world, user=user)
     outcome = Provisioner(
-        sessions=store, templates=TEMPLATES, cluster_for=lambda region: cluster
+        life=world.life, templates=TEMPLATES, cluster_for=lambda region: cluster
     ).provision(session.id)
-    assert outcome.state is SessionState.READY, outcome
-    return store.require(session.id)
+    assert (outcome.state, outcome.detail) == (SessionState.PROVISIONING, "created"), outcome
+    # The informer's list, told to the provisioner's observer, until the VMs are seen ready.
+    informer = VmiInformer(
+        cluster, EnvironmentObserver(life=world.life, templates=TEMPLATES, pools=None)
+    )
+
+    def ready() -> bool:
+        informer.relist()
+        return world.store.require(session.id).state is SessionState.READY
+
+    wait_until(ready, timeout=10)
+    assert informer.stats.handler_errors == 0
+    assert world.celery.sent == []
+    return world.store.require(session.id)
 
 
 def raw_vmi(cluster: KubeCluster, name: str, labels: dict[str, str]) -> None:
@@ -134,108 +212,138 @@ def names(cluster: KubeCluster) -> set[str]:
     return {v["metadata"]["name"] for v in cluster.list_vmis(MANAGED_BY_SELECTOR)[0]}
 
 
-def quiet(report: Report) -> bool:
-    return not report.changed and not report.teardowns and not report.provisions
-
-
 # -- orphans ---------------------------------------------------------------------------------
 
 
 def test_an_unowned_vmi_is_deleted_after_the_grace_time_only(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
     raw_vmi(cluster, "stray", {"app.kubernetes.io/managed-by": "labvirt"})
     raw_vmi(cluster, "not-ours", {"team": "someone-else"})
     now = time.time()
 
-    early = reconciler(store, cluster).reconcile("local", now=now + GRACE - 5)
-    assert early.orphans_deleted == []
-    late = reconciler(store, cluster).reconcile("local", now=now + GRACE + 5)
+    early = reconcile(world, cluster, now=now + GRACE - 5)
+    assert early.report.orphans_deleted == []
+    late = reconcile(world, cluster, now=now + GRACE + 5)
 
-    assert late.orphans_deleted == ["stray"]
+    assert late.report.orphans_deleted == ["stray"]
     wait_until(lambda: "stray" not in names(cluster), timeout=10)
     assert cluster.get_vmi("not-ours")["metadata"]["name"] == "not-ours"
     cluster.delete_vmi("not-ours")
 
 
 def test_a_live_sessions_environment_is_kept_and_a_finished_ones_removed(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, store: RedisSessionStore, cluster: KubeCluster
 ) -> None:
-    live = provisioned(store, cluster, user="alice")
-    done = provisioned(store, cluster, user="bob")
-    store.update(done.id, lambda s: s.transition(SessionState.FAILED, at=time.time(), reason="x"))
+    live = provisioned(world, cluster, user="alice")
+    done = provisioned(world, cluster, user="bob")
+    store.update(done.id, lambda s: s.fail(Failure.cluster_error("x"), at=time.time()))
     later = time.time() + GRACE + 5
 
-    report = reconciler(store, cluster).reconcile("local", now=later)
+    first = reconcile(world, cluster, now=later)
 
-    assert set(report.orphans_deleted) == {f"lv-{done.environment_id}-ubuntu"}
+    assert set(first.report.orphans_deleted) == {f"lv-{done.environment_id}-ubuntu"}
+    assert first.queued == []  # a finished session's teardown is not the reconciler's
     wait_until(lambda: names(cluster) == {f"lv-{live.environment_id}-ubuntu"}, timeout=10)
-    assert quiet(reconciler(store, cluster).reconcile("local", now=later))
+    assert reconcile(world, cluster, now=later).quiet
 
 
 # -- sessions whose VMs went away ------------------------------------------------------------
 
 
 def test_a_ready_session_whose_vmi_was_deleted_fails_with_a_reason(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, store: RedisSessionStore, cluster: KubeCluster
 ) -> None:
-    session = provisioned(store, cluster)
+    session = provisioned(world, cluster)
     cluster.delete_vmis(environment_selector(session.environment_id))
     wait_until(lambda: not names(cluster), timeout=10)
 
-    report = reconciler(store, cluster).reconcile("local", now=time.time())
+    first = reconcile(world, cluster, now=time.time())
 
-    assert report.failed == [session.id]
-    assert report.teardowns == [session.id]
+    assert first.report.failed == [session.id]
+    assert first.queued == [teardown_of(session.id)]
     failed = store.require(session.id)
     assert failed.state is SessionState.FAILED
     assert failed.reason == f"VM lv-{session.environment_id}-ubuntu vanished from the cluster"
-    assert quiet(reconciler(store, cluster).reconcile("local", now=time.time()))
+    assert failed.ended_by == FailureKind.VM_VANISHED.value
+    assert reconcile(world, cluster, now=time.time()).quiet
 
 
 def test_a_vmi_being_deleted_under_a_ready_session_fails_it(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
-    session = provisioned(store, cluster)
+    session = provisioned(world, cluster)
     vmi = cluster.get_vmi(f"lv-{session.environment_id}-ubuntu")
     vmi["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"  # as a list may show it
-    reconcile = reconciler(store, cluster)
+    judge = reconciler(world, cluster)
 
-    assert reconcile._problem(session, [vmi]) == (
-        f"VM lv-{session.environment_id}-ubuntu is being deleted"
+    assert judge._problem(session, [vmi]) == Failure(
+        FailureKind.VM_FAILED, f"VM lv-{session.environment_id}-ubuntu is being deleted"
     )
 
 
 def test_a_session_whose_vm_crashed_fails(
-    store: RedisSessionStore, cluster: KubeCluster, sim: SimHandle
+    world: World, store: RedisSessionStore, cluster: KubeCluster, sim: SimHandle
 ) -> None:
-    session = provisioned(store, cluster)
+    session = provisioned(world, cluster)
     name = f"lv-{session.environment_id}-ubuntu"
     sim.crash(NAMESPACE, name)
     wait_until(lambda: cluster.get_vmi(name)["status"]["phase"] == "Failed", timeout=10)
 
-    report = reconciler(store, cluster).reconcile("local", now=time.time())
+    first = reconcile(world, cluster, now=time.time())
 
-    assert report.failed == [session.id]
-    assert store.require(session.id).reason == f"VM {name} reached phase Failed"
+    assert first.report.failed == [session.id]
+    assert first.queued == [teardown_of(session.id)]
+    failed = store.require(session.id)
+    assert failed.reason == f"VM {name} reached phase Failed"
+    assert failed.ended_by == FailureKind.VM_FAILED.value
+
+
+# -- readiness the informer did not see ------------------------------------------------------
+
+
+def test_a_provisioning_session_whose_vms_are_all_ready_is_made_ready(
+    world: World, store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    """No informer followed this environment: the reconciler sees its VMs ready instead."""
+    session = opened(world)
+    Provisioner(life=world.life, templates=TEMPLATES, cluster_for=lambda _: cluster).provision(
+        session.id
+    )
+    selector = environment_selector(session.environment_id)
+    wait_until(
+        lambda: (vmis := cluster.list_vmis(selector)[0]) and all(is_ready(v) for v in vmis),
+        timeout=10,
+    )
+
+    first = reconcile(world, cluster, now=time.time())
+
+    assert first.report.made_ready == [session.id]
+    assert first.report.failed == []
+    assert first.queued == []
+    ready = store.require(session.id)
+    assert ready.state is SessionState.READY
+    assert [(vm.name, vm.ready) for vm in ready.vms] == [("ubuntu", True)]
+    assert reconcile(world, cluster, now=time.time()).quiet
 
 
 # -- Redis lost its data ---------------------------------------------------------------------
 
 
 def test_after_a_flush_two_passes_restore_every_live_session(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, store: RedisSessionStore, cluster: KubeCluster
 ) -> None:
-    sessions = [provisioned(store, cluster, user=f"user{i}") for i in range(3)]
+    sessions = [provisioned(world, cluster, user=f"user{i}") for i in range(3)]
     store._redis.flushdb()
     now = time.time()
 
-    first = reconciler(store, cluster).reconcile("local", now=now)
-    second = reconciler(store, cluster).reconcile("local", now=now + GRACE * 10)
+    first = reconcile(world, cluster, now=now)
+    second = reconcile(world, cluster, now=now + GRACE * 10)
 
-    assert sorted(first.restored) == sorted(s.id for s in sessions)
-    assert first.orphans_deleted == []
-    assert quiet(second)
+    assert sorted(first.report.restored) == sorted(s.id for s in sessions)
+    assert first.report.orphans_deleted == []
+    assert first.queued == []
+    assert second.quiet
     for original in sessions:
         restored = store.require(original.id)
         assert restored.state is SessionState.READY
@@ -247,7 +355,7 @@ def test_after_a_flush_two_passes_restore_every_live_session(
 
 
 def test_a_session_lost_while_booting_is_restored_and_provisioned_again(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, store: RedisSessionStore, cluster: KubeCluster
 ) -> None:
     session, _ = start_session(
         user="alice",
@@ -266,28 +374,28 @@ def test_a_session_lost_while_booting_is_restored_and_provisioned_again(
     )
     cluster.create_vmi(manifests.vmis[0])  # created, then Redis lost everything at once
 
-    report = reconciler(store, cluster).reconcile("local", now=time.time())
+    first = reconcile(world, cluster, now=time.time())
 
-    assert report.restored == [session.id]
-    assert report.provisions == [session.id]
+    assert first.report.restored == [session.id]
+    assert first.report.provisions == [session.id]
     assert store.require(session.id).state is SessionState.PROVISIONING
 
 
 def test_an_extension_reaches_the_cluster_so_a_rebuild_keeps_it(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, store: RedisSessionStore, cluster: KubeCluster
 ) -> None:
-    session = provisioned(store, cluster)
+    session = provisioned(world, cluster)
     extended = store.update(session.id, lambda s: extend(s, now=time.time()))
 
-    report = reconciler(store, cluster).reconcile("local", now=time.time())
+    first = reconcile(world, cluster, now=time.time())
 
-    assert report.annotated == [f"lv-{session.environment_id}-ubuntu"]
+    assert first.report.annotated == [f"lv-{session.environment_id}-ubuntu"]
     vmi = cluster.get_vmi(f"lv-{session.environment_id}-ubuntu")
     assert (
         vmi["metadata"]["annotations"][EXPIRES_AT_ANNOTATION]
         == session_annotations(extended)[EXPIRES_AT_ANNOTATION]
     )
-    assert quiet(reconciler(store, cluster).reconcile("local", now=time.time()))
+    assert reconcile(world, cluster, now=time.time()).quiet
 
 
 # -- pools -----------------------------------------------------------------------------------
@@ -305,15 +413,13 @@ def pool_vmi(cluster: KubeCluster, environment_id: str) -> None:
     cluster.create_vmi(manifests.vmis[0])
 
 
-def test_pool_environments_are_judged_by_the_pool_store(
-    store: RedisSessionStore, cluster: KubeCluster
-) -> None:
+def test_pool_environments_are_judged_by_the_pool_store(world: World, cluster: KubeCluster) -> None:
     for environment_id in ("owned1", "taken1", "stray1"):
         pool_vmi(cluster, environment_id)
     pools = FakePools(owned={"owned1"})
     later = time.time() + GRACE + 5
 
-    refused = reconciler(store, cluster, pools).reconcile("local", now=later)
+    refused = reconcile(world, cluster, now=later, pools=pools).report
     assert sorted(refused.orphans_deleted) == ["lv-stray1-ubuntu", "lv-taken1-ubuntu"]
     assert {o["environment_id"] for o in pools.offered} == {"taken1", "stray1"}
     assert pools.offered[0]["template"] == "ubuntu"
@@ -321,44 +427,45 @@ def test_pool_environments_are_judged_by_the_pool_store(
     wait_until(lambda: names(cluster) == {"lv-owned1-ubuntu"}, timeout=10)
     pool_vmi(cluster, "back1")
     pools.accept = True
-    accepted = reconciler(store, cluster, pools).reconcile("local", now=later)
+    accepted = reconcile(world, cluster, now=later, pools=pools).report
     assert accepted.pool_restored == ["back1"]
     assert accepted.orphans_deleted == []
-    assert quiet(reconciler(store, cluster, pools).reconcile("local", now=later))
+    assert reconcile(world, cluster, now=later, pools=pools).quiet
 
 
 def test_without_a_pool_store_pool_environments_are_left_alone(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
     pool_vmi(cluster, "lonely1")
 
-    report = reconciler(store, cluster, None).reconcile("local", now=time.time() + 10 * GRACE)
+    first = reconcile(world, cluster, now=time.time() + 10 * GRACE, pools=None)
 
-    assert report.orphans_deleted == []
+    assert first.report.orphans_deleted == []
 
 
 # -- level-triggered -------------------------------------------------------------------------
 
 
-def test_two_passes_equal_one(store: RedisSessionStore, cluster: KubeCluster) -> None:
-    keep = provisioned(store, cluster, user="alice")
-    vanish = provisioned(store, cluster, user="bob")
+def test_two_passes_equal_one(world: World, store: RedisSessionStore, cluster: KubeCluster) -> None:
+    keep = provisioned(world, cluster, user="alice")
+    vanish = provisioned(world, cluster, user="bob")
     cluster.delete_vmis(environment_selector(vanish.environment_id))
     raw_vmi(cluster, "stray2", {"app.kubernetes.io/managed-by": "labvirt"})
     wait_until(lambda: f"lv-{vanish.environment_id}-ubuntu" not in names(cluster), timeout=10)
     later = time.time() + GRACE + 5
 
-    first = reconciler(store, cluster).reconcile("local", now=later)
-    second = reconciler(store, cluster).reconcile("local", now=later)
+    first = reconcile(world, cluster, now=later)
+    second = reconcile(world, cluster, now=later)
 
-    assert first.failed == [vanish.id]
-    assert first.orphans_deleted == ["stray2"]
-    assert quiet(second)  # what the first deleted is still finalizing: left alone
+    assert first.report.failed == [vanish.id]
+    assert first.report.orphans_deleted == ["stray2"]
+    assert first.queued == [teardown_of(vanish.id)]
+    assert second.quiet  # what the first deleted is still finalizing: left alone
     assert store.require(keep.id).state is SessionState.READY
 
 
 def test_after_a_flush_pools_are_restored_into_the_real_pool_store(
-    store: RedisSessionStore, cluster: KubeCluster
+    world: World, cluster: KubeCluster
 ) -> None:
     """With the pools side's own store (what ``labvirt.reconcile`` passes): ready warm
     environments go back into their pool; nothing is left that no one owns."""
@@ -370,10 +477,10 @@ def test_after_a_flush_pools_are_restored_into_the_real_pool_store(
     )
     later = time.time() + GRACE + 5
 
-    first = reconciler(store, cluster, pools).reconcile("local", now=later)
-    second = reconciler(store, cluster, pools).reconcile("local", now=later)
+    first = reconcile(world, cluster, now=later, pools=pools)
+    second = reconcile(world, cluster, now=later, pools=pools)
 
-    assert sorted(first.pool_restored) == ["warm1", "warm2"]
-    assert first.orphans_deleted == []
-    assert quiet(second)
+    assert sorted(first.report.pool_restored) == ["warm1", "warm2"]
+    assert first.report.orphans_deleted == []
+    assert second.quiet
     assert pools.owned_environment_ids("local") == {"warm1", "warm2"}

@@ -1,12 +1,18 @@
-"""RedisSessionStore on fakeredis: documents, indexes, events, the user lock, optimistic updates."""
+"""RedisSessionStore: documents, indexes, events, the user lock, optimistic updates.
+
+Single-client logic runs on fakeredis; what several clients or threads race on (the user lock,
+optimistic transactions, a key's expiry) runs on the suite's own real Redis (``redis_url``),
+emptied before and after each such test."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import fakeredis
 import pytest
+import redis
 
 from shared.adapters.session_store import (
     FINISHED_RETENTION_SECONDS,
@@ -21,6 +27,7 @@ from shared.domain.sessions import (
     VmView,
     open_session,
 )
+from tests.conftest import flush_database
 
 NOW = 1_700_000_000.0
 LIFETIME = 7200
@@ -75,6 +82,23 @@ def store(client: fakeredis.FakeRedis) -> RedisSessionStore:
     return RedisSessionStore(client)
 
 
+@pytest.fixture
+def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
+    """New connections to an empty database of the real Redis, as separate processes have."""
+    flush_database(redis_url)
+    clients: list[redis.Redis] = []
+
+    def new_client() -> redis.Redis:
+        client = redis.Redis.from_url(redis_url)
+        clients.append(client)
+        return client
+
+    yield new_client
+    for client in clients:
+        client.close()
+    flush_database(redis_url)
+
+
 # -- documents -------------------------------------------------------------------------------
 
 
@@ -93,13 +117,14 @@ def test_get_of_an_absent_session_is_none_and_require_raises(store: RedisSession
         store.require("s-" + "0" * 24)
 
 
-def test_sessions_are_visible_to_another_client_of_the_same_server() -> None:
-    server = fakeredis.FakeServer()
+def test_sessions_are_visible_to_another_client_of_the_same_server(
+    connect: Callable[[], redis.Redis],
+) -> None:
     session = new_session()
 
-    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+    RedisSessionStore(connect()).add(session)
 
-    assert RedisSessionStore(fakeredis.FakeRedis(server=server)).get(session.id) == session
+    assert RedisSessionStore(connect()).get(session.id) == session
 
 
 def test_duplicate_add_fails_and_leaves_the_first_untouched(
@@ -401,7 +426,10 @@ def test_a_failed_change_appends_no_event(
     assert client.xlen(f"labvirt:events:{session.id}") == 1  # queued only
 
 
-def test_the_user_lock_admits_one_holder_at_a_time(store: RedisSessionStore) -> None:
+def test_the_user_lock_admits_one_holder_at_a_time(
+    connect: Callable[[], redis.Redis],
+) -> None:
+    store = RedisSessionStore(connect())
     order: list[str] = []
     inside = threading.Event()
     release = threading.Event()
@@ -429,8 +457,10 @@ def test_the_user_lock_admits_one_holder_at_a_time(store: RedisSessionStore) -> 
 
 
 def test_the_user_lock_expires_if_its_holder_dies(
-    store: RedisSessionStore, client: fakeredis.FakeRedis
+    connect: Callable[[], redis.Redis],
 ) -> None:
+    client = connect()
+    store = RedisSessionStore(client)
     client.set("labvirt:user-lock:alice", "a dead holder", px=50)
 
     with store.user_lock("alice", wait_seconds=2):
@@ -441,22 +471,23 @@ def test_the_user_lock_expires_if_its_holder_dies(
 # -- concurrency -----------------------------------------------------------------------------
 
 
-def test_concurrent_read_modify_write_never_loses_an_update() -> None:
+def test_concurrent_read_modify_write_never_loses_an_update(
+    connect: Callable[[], redis.Redis],
+) -> None:
     """Two threads append to the same session through two clients; every append survives.
 
     A barrier inside the first change of each thread makes both read the same version before
     either writes, so at least one WATCH conflict (and retry) is certain, not left to luck.
     """
-    server = fakeredis.FakeServer()
     session = new_session()
-    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+    RedisSessionStore(connect()).add(session)
     rounds = 25
     barrier = threading.Barrier(2, timeout=10)
     calls = {"a": 0, "b": 0}
     errors: list[BaseException] = []
 
     def worker(name: str) -> None:
-        store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+        store = RedisSessionStore(connect())
 
         def append(i: int) -> None:
             def change(current: Session) -> Session:
@@ -482,10 +513,7 @@ def test_concurrent_read_modify_write_never_loses_an_update() -> None:
 
     assert not any(t.is_alive() for t in threads)
     assert errors == []
-    names = [
-        vm.name
-        for vm in RedisSessionStore(fakeredis.FakeRedis(server=server)).require(session.id).vms
-    ]
+    names = [vm.name for vm in RedisSessionStore(connect()).require(session.id).vms]
     assert sorted(names) == sorted(f"{n}{i}" for n in "ab" for i in range(rounds))
     # Each thread's own appends land in its order.
     for name in calls:
@@ -493,17 +521,16 @@ def test_concurrent_read_modify_write_never_loses_an_update() -> None:
     assert sum(calls.values()) > 2 * rounds  # at least one conflict was retried
 
 
-def test_concurrent_transitions_have_one_winner() -> None:
+def test_concurrent_transitions_have_one_winner(connect: Callable[[], redis.Redis]) -> None:
     """Reaper and API race to end a session: exactly one moves it, the other sees it moved."""
-    server = fakeredis.FakeServer()
     session = new_session(state=R)
-    RedisSessionStore(fakeredis.FakeRedis(server=server)).add(session)
+    RedisSessionStore(connect()).add(session)
     barrier = threading.Barrier(2, timeout=10)
     moved: list[str] = []
     errors: list[BaseException] = []
 
     def worker(reason: str) -> None:
-        store = RedisSessionStore(fakeredis.FakeRedis(server=server))
+        store = RedisSessionStore(connect())
         first = [True]
 
         def change(current: Session) -> Session:
@@ -528,7 +555,7 @@ def test_concurrent_transitions_have_one_winner() -> None:
 
     assert errors == []
     assert len(moved) == 1
-    final = RedisSessionStore(fakeredis.FakeRedis(server=server)).require(session.id)
+    final = RedisSessionStore(connect()).require(session.id)
     assert final.state is T
     assert final.reason == moved[0]
     assert [t.state for t in final.history] == [P, R, T]

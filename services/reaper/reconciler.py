@@ -5,7 +5,8 @@ them with the sessions (and pools) Redis knows, and applies the difference. A se
 after the first finds nothing to do.
 
 - A live session whose VMs vanished, are being deleted or went ``Failed`` becomes ``failed``
-  with a reason, and its environment is torn down.
+  with a reason, and its environment is torn down. A provisioning session whose VMs are all
+  ready is marked ready (the informer normally does it first; this catches what it missed).
 - A session whose document Redis lost (a flush, a restart without persistence) is rebuilt from
   its VMIs' labels and annotations (``shared.domain.recovery``); one that was still booting is
   provisioned again (idempotent: the VMIs exist, the watch picks them up).
@@ -23,12 +24,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 
 from shared.adapters.kube import KubeCluster
-from shared.adapters.session_store import RedisSessionStore, SessionNotFound
 from shared.domain.manifests import (
     CREATED_AT_ANNOTATION,
     ENVIRONMENT_LABEL,
@@ -40,14 +40,15 @@ from shared.domain.manifests import (
     environment_vmi_name,
     parse_timestamp,
 )
+from shared.domain.reasons import Failure
 from shared.domain.recovery import restore_session, stale_annotations
 from shared.domain.sessions import Session, SessionState
 from shared.domain.templates import Template
+from shared.domain.vmi import Vmi
 from shared.domain.vmi_status import failure_of, is_ready, vm_views
+from shared.session_life import SessionLife
 
 log = structlog.get_logger(__name__)
-
-Vmi = dict[str, Any]
 
 
 class PoolOwnership(Protocol):
@@ -82,12 +83,13 @@ class Report:
     pool_restored: list[str] = field(default_factory=list)
     orphans_deleted: list[str] = field(default_factory=list)
     annotated: list[str] = field(default_factory=list)
-    teardowns: list[str] = field(default_factory=list)
     provisions: list[str] = field(default_factory=list)
+    made_ready: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {
             "failed": len(self.failed),
+            "made_ready": len(self.made_ready),
             "restored": len(self.restored),
             "pool_restored": len(self.pool_restored),
             "orphans_deleted": len(self.orphans_deleted),
@@ -149,13 +151,14 @@ class Reconciler:
     def __init__(
         self,
         *,
-        sessions: RedisSessionStore,
+        life: SessionLife,
         templates: dict[str, Template],
         cluster_for: Callable[[str], KubeCluster],
         pools: PoolOwnership | None = None,
         orphan_grace_seconds: float = 120.0,
     ) -> None:
-        self._sessions = sessions
+        self._life = life
+        self._sessions = life.store
         self._templates = templates
         self._cluster_for = cluster_for
         self._pools = pools
@@ -185,12 +188,18 @@ class Reconciler:
     def _check_session(
         self, run: _Pass, session: Session, environment: _Environment | None
     ) -> None:
-        if session.state not in (SessionState.PROVISIONING, SessionState.READY):
+        if not session.is_live:
             return  # terminating: the teardown (and the reaper's retry) owns it
         vmis = environment.vmis if environment is not None else []
         problem = self._problem(session, vmis)
         if problem is not None:
-            self._fail(run, session, problem)
+            if self._life.fail(session.id, problem):
+                run.report.failed.append(session.id)
+            return
+        if session.state is SessionState.PROVISIONING and self._all_ready(session, vmis):
+            template = self._templates[session.template]
+            if self._life.mark_ready(session.id, vm_views(template, vmis)):
+                run.report.made_ready.append(session.id)
             return
         for vmi in vmis:
             patch = stale_annotations(vmi["metadata"].get("annotations") or {}, session)
@@ -199,38 +208,32 @@ class Reconciler:
                 run.cluster.patch_vmi(name, {"metadata": {"annotations": patch}})
                 run.report.annotated.append(name)
 
-    def _problem(self, session: Session, vmis: list[Vmi]) -> str | None:
+    def _all_ready(self, session: Session, vmis: list[Vmi]) -> bool:
+        if session.template not in self._templates:
+            return False
+        names = {vmi["metadata"]["name"] for vmi in vmis}
+        return all(name in names for name in self._expected_vmis(session)) and all(
+            is_ready(vmi) for vmi in vmis
+        )
+
+    def _problem(self, session: Session, vmis: list[Vmi]) -> Failure | None:
         """Why a live session's environment can no longer serve it, or None."""
         by_name = {vmi["metadata"]["name"]: vmi for vmi in vmis}
         for vmi in by_name.values():
             failure = failure_of(vmi)  # Failed, Succeeded (shut down) or being deleted
             if failure is not None:
-                return failure
+                return Failure.vm_failed(failure)
         if session.state is not SessionState.READY:
             return None  # still booting: VMIs may not exist yet; the startup deadline bounds it
         for name in self._expected_vmis(session):
             if name not in by_name:
-                return f"VM {name} vanished from the cluster"
+                return Failure.vm_vanished(name)
         return None
 
     def _expected_vmis(self, session: Session) -> list[str]:
         template = self._templates.get(session.template)
         names = [vm.name for vm in template.vms] if template else [vm.name for vm in session.vms]
         return [environment_vmi_name(session.environment_id, name) for name in names]
-
-    def _fail(self, run: _Pass, session: Session, reason: str) -> None:
-        def change(current: Session) -> Session:
-            if current.state not in (SessionState.PROVISIONING, SessionState.READY):
-                return current
-            return current.transition(SessionState.FAILED, at=run.now, reason=reason)
-
-        try:
-            updated = self._sessions.update(session.id, change)
-        except SessionNotFound:
-            return
-        if updated.state is SessionState.FAILED and updated.reason == reason:
-            run.report.failed.append(session.id)
-            run.report.teardowns.append(session.id)
 
     # -- what the cluster shows ------------------------------------------------------------
 
@@ -276,7 +279,7 @@ class Reconciler:
         )
         if session is None:
             return False
-        if self._sessions.restore(session):
+        if self._life.restore(session):
             run.report.restored.append(session.id)
             if session.state is SessionState.PROVISIONING:
                 run.report.provisions.append(session.id)

@@ -13,22 +13,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
 from shared.adapters.pool_store import PoolStore
-from shared.domain.pools import (
-    DEFAULT_REFILL_SECONDS,
-    Demand,
-    PoolKey,
-    PoolMode,
-    PrewarmLimits,
-    WarmEnvironment,
-    new_warm_environment,
-    plan_pool,
-    pool_target,
-)
+from shared.domain.pools.config import PoolKey, PoolMode
+from shared.domain.pools.demand import Demand
+from shared.domain.pools.environments import WarmEnvironment, new_warm_environment
+from shared.domain.pools.plan import PrewarmLimits, plan_pool
+from shared.domain.pools.target import DEFAULT_REFILL_SECONDS, pool_target
 from shared.domain.templates import Template
 from shared.jobs import BIND_ENVIRONMENT, PREWARM_ENVIRONMENT, RETIRE_ENVIRONMENT
 
@@ -39,14 +33,14 @@ BOOT_TIMEOUT_MARGIN_SECONDS: Final = 60.0
 # A claim whose VMIs are still unlabelled after this long lost its bind (or its session).
 UNBOUND_CLAIM_GRACE_SECONDS: Final = 120.0
 
-# (task name, arguments): how the prewarmer hands work to workers.
-Enqueue = Callable[[str, list[Any]], None]
+# (task name, payload): how the prewarmer hands work to workers (``TaskQueue.enqueue``).
+Enqueue = Callable[[str, Mapping[str, str]], None]
 # Whether a claimed environment's session still exists and holds it.
 ClaimIsLive = Callable[[WarmEnvironment], bool]
 
 
 @dataclass(frozen=True, kw_only=True)
-class PoolOutcome:
+class PoolTick:
     key: PoolKey
     target: int = 0
     ready: int = 0
@@ -85,7 +79,7 @@ class Prewarmer:
         self._clock = clock
         self._claim_is_live = claim_is_live
 
-    def tick(self) -> list[PoolOutcome]:
+    def tick(self) -> list[PoolTick]:
         """Reconcile every pool of every region once."""
         now = self._clock()
         paused = self._store.globally_paused()
@@ -106,12 +100,12 @@ class Prewarmer:
 
     def reconcile(
         self, key: PoolKey, *, now: float, paused: bool = False, capacity_blocked: bool = False
-    ) -> PoolOutcome:
+    ) -> PoolTick:
         template = self._templates[key.template]
         lock_seconds = max(10.0, 2 * self._settings.tick_seconds)
         with self._store.lock(key, seconds=lock_seconds) as held:
             if not held:
-                return PoolOutcome(key=key, skipped=True)
+                return PoolTick(key=key, skipped=True)
             return self._reconcile(
                 key, template, now=now, paused=paused, capacity_blocked=capacity_blocked
             )
@@ -124,7 +118,7 @@ class Prewarmer:
         now: float,
         paused: bool,
         capacity_blocked: bool,
-    ) -> PoolOutcome:
+    ) -> PoolTick:
         config = self._store.config(key, default=template.pool)
         self._store.fold_profile(key, now=now)
         snapshot = self._store.snapshot(key)
@@ -163,7 +157,9 @@ class Prewarmer:
         for retirement in plan.retire:
             if self._store.retire(key, retirement.env_id):
                 retired += 1
-                self._enqueue(RETIRE_ENVIRONMENT, [retirement.env_id, key.region])
+                self._enqueue(
+                    RETIRE_ENVIRONMENT, {"environment_id": retirement.env_id, "region": key.region}
+                )
                 log.info(
                     "pool.retired",
                     pool=str(key),
@@ -177,7 +173,7 @@ class Prewarmer:
                 key, wanted, ceiling=plan.ceiling, max_in_flight=limits.max_in_flight
             )
             for env in reserved:
-                self._enqueue(PREWARM_ENVIRONMENT, [env.id])
+                self._enqueue(PREWARM_ENVIRONMENT, {"environment_id": env.id})
             created = len(reserved)
         if self._claim_is_live is not None:
             self._sweep_unbound_claims(key, now=now)
@@ -192,7 +188,7 @@ class Prewarmer:
                 retired=retired,
                 blocked=plan.blocked.value if plan.blocked else None,
             )
-        return PoolOutcome(
+        return PoolTick(
             key=key,
             target=target,
             ready=len(snapshot.ready),
@@ -208,9 +204,9 @@ class Prewarmer:
         assert self._claim_is_live is not None
         for env in self._store.unbound_claims(key, before=now - UNBOUND_CLAIM_GRACE_SECONDS):
             if env.session_id is not None and self._claim_is_live(env):
-                self._enqueue(BIND_ENVIRONMENT, [env.session_id])
+                self._enqueue(BIND_ENVIRONMENT, {"session_id": env.session_id})
                 log.warning("pool.bind_again", pool=str(key), environment_id=env.id)
             else:
-                self._enqueue(RETIRE_ENVIRONMENT, [env.id, key.region])
+                self._enqueue(RETIRE_ENVIRONMENT, {"environment_id": env.id, "region": key.region})
                 log.warning("pool.orphaned_claim", pool=str(key), environment_id=env.id)
-            self._store.bound(key, env.id)
+            self._store.forget_claim(key, env.id)
