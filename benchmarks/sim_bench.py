@@ -57,7 +57,8 @@ class Simulator:
         self._argv = [
             sys.executable,
             "-m",
-            "labvirt.sim.app",
+            "labvirt.cli",
+            "sim",
             "--port",
             "0",
             "--kubeconfig",

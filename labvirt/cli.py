@@ -2,7 +2,7 @@
 
     labvirt api       the HTTP API (gunicorn)
     labvirt worker    a Celery worker: provisioning, teardown, maintenance
-    labvirt beat      the Celery beat scheduler (reaper ticks)
+    labvirt beat      the Celery beat scheduler (reaper, reconciler and prewarmer ticks)
     labvirt sim       the KubeVirt simulator
     labvirt dev       all of the above on one machine, for a newcomer
 
@@ -53,10 +53,10 @@ def run_beat(_: argparse.Namespace) -> int:
     return 0
 
 
-def run_sim(args: argparse.Namespace) -> int:
+def run_sim(sim_argv: list[str]) -> int:
     from labvirt.sim.app import main as sim_main  # noqa: PLC0415
 
-    return sim_main(args.sim_args)
+    return sim_main(sim_argv)
 
 
 def run_dev(args: argparse.Namespace) -> int:
@@ -77,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(run=run_worker)
     commands.add_parser("beat", help="run the Celery beat scheduler").set_defaults(run=run_beat)
-    sim = commands.add_parser("sim", help="run the KubeVirt simulator", add_help=False)
-    sim.add_argument("sim_args", nargs=argparse.REMAINDER)
-    sim.set_defaults(run=run_sim)
+    # Listed for `labvirt --help` only: `main` hands `labvirt sim ...` to the simulator's parser.
+    commands.add_parser("sim", help="run the KubeVirt simulator (labvirt sim --help)")
     dev = commands.add_parser("dev", help="run the whole system locally")
     dev.add_argument(
         "--sim-boot-seconds",
@@ -93,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sim"]:
+        # Before argparse, which would take the simulator's options (and --help) for ours.
+        return run_sim(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result

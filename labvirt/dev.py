@@ -140,7 +140,8 @@ def _cluster(env: dict[str, str], run_dir: Path, sup: Supervisor, boot_seconds: 
         [
             sys.executable,
             "-m",
-            "labvirt.sim.app",
+            "labvirt.cli",
+            "sim",
             "--port",
             "0",
             "--kubeconfig",

@@ -18,12 +18,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+from labvirt.sim.boot import SimulationConfig
 from labvirt.sim.clock import AsyncioScheduler, Scheduler
+from labvirt.sim.controllers import KubeVirt
 from labvirt.sim.core import Core
+from labvirt.sim.faults import Faults
 from labvirt.sim.kubeconfig import write_kubeconfig
-from labvirt.sim.kubevirt import KubeVirt, SimulationConfig
-from labvirt.sim.server import ApiServer, Faults, WatchSettings
+from labvirt.sim.server import ApiServer
 from labvirt.sim.store import Store
+from labvirt.sim.watch import WatchSettings
 
 log = logging.getLogger("labvirt.sim")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from labvirt.sim.store import ResourceType
@@ -67,9 +67,13 @@ def _group(name: str, versions: list[str]) -> dict[str, Any]:
     return {"name": name, "versions": entries, "preferredVersion": entries[0]}
 
 
-def api_group_list(resources: Iterable[ResourceType]) -> dict[str, Any]:
-    """``GET /apis``: every named group (the core group lives under ``/api``)."""
+def api_group_list(
+    resources: Iterable[ResourceType], extra: Mapping[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """``GET /apis``: every named group (the core group lives under ``/api``), plus ``extra``
+    groups served without stored types (KubeVirt's subresources)."""
     groups = _group_versions(resources)
+    groups.update(extra or {})
     return {
         "kind": "APIGroupList",
         "apiVersion": "v1",

@@ -112,7 +112,7 @@ def _wait_for_file(path: Path, deadline: float, process: subprocess.Popen[bytes]
 def running_simulator(
     tmp_path: Path, *, startup_timeout: float = 30.0, **config: Any
 ) -> Iterator[SimHandle]:
-    """``python -m labvirt.sim.app`` in a subprocess; SIGTERM on exit."""
+    """``labvirt sim`` (``python -m labvirt.cli sim``) in a subprocess; SIGTERM on exit."""
     tmp_path = Path(tmp_path)
     tmp_path.mkdir(parents=True, exist_ok=True)
     kubeconfig = tmp_path / "sim-kubeconfig.yaml"
@@ -122,7 +122,8 @@ def running_simulator(
     argv = [
         sys.executable,
         "-m",
-        "labvirt.sim.app",
+        "labvirt.cli",
+        "sim",
         "--kubeconfig",
         str(kubeconfig),
         *config_flags(config),

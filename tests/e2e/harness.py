@@ -109,7 +109,8 @@ def start_simulator(
     argv = [
         sys.executable,
         "-m",
-        "labvirt.sim.app",
+        "labvirt.cli",
+        "sim",
         "--port",
         "0",
         "--kubeconfig",

@@ -5,20 +5,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from labvirt.sim.testing import running_simulator, wait_until
+from tests.conftest import KUBEVIRT_REFERENCE, require_kubevirt_reference
 
 pytestmark = [
     pytest.mark.kubectl,
     pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed"),
 ]
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared/kubevirt"
-EPHEMERAL = REFERENCE / "examples/vmi-ephemeral.yaml"
+EPHEMERAL = KUBEVIRT_REFERENCE / "examples/vmi-ephemeral.yaml"
 
 VMI_YAML = """\
 apiVersion: kubevirt.io/v1
@@ -90,9 +89,7 @@ def test_api_resources_lists_vmis(kubectl):
 
 
 def test_apply_the_upstream_example_with_validation(kubectl):
-    if not EPHEMERAL.exists():
-        pytest.skip(f"{EPHEMERAL} is absent")
-    result = kubectl("apply", "-f", str(EPHEMERAL))
+    result = kubectl("apply", "-f", str(require_kubevirt_reference(EPHEMERAL)))
     assert "virtualmachineinstance.kubevirt.io/vmi-ephemeral created" in result.stdout
     assert "--validate" not in result.stderr
 

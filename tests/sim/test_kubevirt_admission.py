@@ -10,21 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
+from labvirt.sim.boot import SimulationConfig
 from labvirt.sim.clock import FakeScheduler
+from labvirt.sim.controllers import KubeVirt
 from labvirt.sim.errors import ApiError
-from labvirt.sim.kubevirt import (
-    FINALIZER,
-    NO_MEMORY_MESSAGE,
-    VMI,
-    KubeVirt,
-    SimulationConfig,
-    _schema_validator,
-)
 from labvirt.sim.store import Store
+from labvirt.sim.validation import NO_MEMORY_MESSAGE, schema_validator
+from labvirt.sim.vmi import FINALIZER, VMI
+from tests.conftest import KUBEVIRT_REFERENCE, STRICT_VMI_SCHEMA, require_kubevirt_reference
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared/kubevirt"
-STRICT_SCHEMA = REFERENCE / "vmi-schema-strict.json"
-EXAMPLES = sorted((REFERENCE / "examples").glob("*.yaml")) if REFERENCE.is_dir() else []
+EXAMPLES = sorted((KUBEVIRT_REFERENCE / "examples").glob("*.yaml"))
 NS = "labs"
 DENIED = (
     'admission webhook "virtualmachineinstances-create-validator.kubevirt.io" denied the request: '
@@ -32,9 +27,7 @@ DENIED = (
 
 
 def strict_schema() -> Path:
-    if not STRICT_SCHEMA.exists():
-        pytest.skip(f"KubeVirt's strict schema is not at {STRICT_SCHEMA}")
-    return STRICT_SCHEMA
+    return require_kubevirt_reference(STRICT_VMI_SCHEMA)
 
 
 @pytest.fixture(params=["hand-written checks", "strict schema"])
@@ -187,12 +180,12 @@ def test_enum_violations_list_the_supported_values() -> None:
     assert cause["field"] == "spec.domain.devices.interfaces[0].ports[0].protocol"
 
 
-def test_schema_validator_is_loaded_once() -> None:
+def testschema_validator_is_loaded_once() -> None:
     path = strict_schema()
     make_store(path)
     make_store(path)
-    assert _schema_validator(str(path)) is _schema_validator(str(path))
-    assert _schema_validator.cache_info().hits >= 2
+    assert schema_validator(str(path)) is schema_validator(str(path))
+    assert schema_validator.cache_info().hits >= 2
 
 
 def test_missing_schema_file_fails_at_start_up(tmp_path: Path) -> None:
@@ -352,13 +345,12 @@ def test_upstream_examples_are_admitted(example: Path) -> None:
     created = store.create(VMI, NS, body)
     assert created["status"]["phase"] == "Pending"
     # What the mutating webhook stored is still a valid VMI.
-    errors = [e.message for e in _schema_validator(str(schema)).iter_errors(created)]
+    errors = [e.message for e in schema_validator(str(schema)).iter_errors(created)]
     assert errors == []
 
 
 def test_example_folder_is_present_when_the_reference_is() -> None:
-    if not REFERENCE.is_dir():
-        pytest.skip("../shared/kubevirt is not beside this checkout")
+    require_kubevirt_reference()
     assert EXAMPLES, "the KubeVirt reference folder has no examples"
 
 

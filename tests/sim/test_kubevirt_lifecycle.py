@@ -7,24 +7,21 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
+from labvirt.sim.boot import SimulationConfig
 from labvirt.sim.clock import FakeScheduler
+from labvirt.sim.controllers import KubeVirt
 from labvirt.sim.errors import ApiError
-from labvirt.sim.kubevirt import (
-    FINALIZER,
-    VMI,
-    KubeVirt,
-    SimulationConfig,
-)
 from labvirt.sim.store import Obj, ResourceType, Store
+from labvirt.sim.vmi import FINALIZER, VMI
+from tests.conftest import STRICT_VMI_SCHEMA, require_kubevirt_reference
 
 NS = "labs"
 START = 1_700_000_000.0
-STRICT_SCHEMA = Path(__file__).resolve().parents[3] / "shared/kubevirt/vmi-schema-strict.json"
 
 
 @dataclass
@@ -170,11 +167,9 @@ def test_running_vmi_is_ready_and_valid_against_the_schema() -> None:
     migratable = condition(obj, "LiveMigratable")
     assert migratable is not None
     assert migratable["status"] == "True"  # masquerade on the pod network migrates
-    if STRICT_SCHEMA.exists():
-        import jsonschema  # noqa: PLC0415
-
-        validator = jsonschema.Draft4Validator(json.loads(STRICT_SCHEMA.read_text()))
-        assert [e.message for e in validator.iter_errors(obj)] == []
+    schema = json.loads(require_kubevirt_reference(STRICT_VMI_SCHEMA).read_text())
+    errors = [e.message for e in jsonschema.Draft4Validator(schema).iter_errors(obj)]
+    assert errors == []
 
 
 def test_bridged_pod_interface_is_not_live_migratable() -> None:

@@ -9,17 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from labvirt.sim.boot import SimulationConfig
 from labvirt.sim.clock import FakeScheduler
-from labvirt.sim.kubevirt import (
+from labvirt.sim.controllers import KubeVirt
+from labvirt.sim.launcher import (
     LAUNCHER_MEMORY_OVERHEAD,
     MEMORY_OVERHEAD_PER_VCPU,
-    VMI,
-    KubeVirt,
-    SimulationConfig,
     launcher_pod_request,
 )
 from labvirt.sim.nodes import Cluster, PodRequest
 from labvirt.sim.store import Obj, Store
+from labvirt.sim.vmi import VMI
 
 NS = "labs"
 GI = 2**30

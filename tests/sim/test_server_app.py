@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from labvirt.sim.app import main
+from labvirt.cli import main
 from labvirt.sim.kubeconfig import server_url, write_kubeconfig
 from labvirt.sim.testing import config_flags, running_simulator
 
@@ -60,7 +60,8 @@ def test_port_in_use_fails_with_a_message(tmp_path, capsys):
             [
                 sys.executable,
                 "-m",
-                "labvirt.sim.app",
+                "labvirt.cli",
+                "sim",
                 "--port",
                 str(port),
                 "--kubeconfig",
@@ -87,5 +88,12 @@ def test_port_in_use_fails_with_a_message(tmp_path, capsys):
 )
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as caught:
-        main(argv)
+        main(["sim", *argv])
     assert caught.value.code == 2
+
+
+def test_help_shows_the_simulators_options(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["sim", "--help"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: labvirt sim [-h] --port PORT --kubeconfig")

@@ -6,10 +6,10 @@ import pytest
 
 from labvirt.sim.core import NETWORK_POLICIES, SERVICES
 from labvirt.sim.errors import ApiError
-from labvirt.sim.kubevirt import VMI
-from labvirt.sim.server import negotiate
+from labvirt.sim.rest import negotiate
 from labvirt.sim.store import ResourceType
 from labvirt.sim.tables import human_duration, jsonpath, table
+from labvirt.sim.vmi import VMI
 
 NOW = 1_700_000_100.0  # 100 s after the objects below were created
 CREATED = "2023-11-14T22:13:20Z"  # 1_700_000_000
