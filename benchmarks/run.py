@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import pool_bench, reaper_bench, sim_bench
+from benchmarks import cold_start_bench, pool_bench, reaper_bench, sim_bench
 
 
 def main() -> int:
@@ -16,7 +16,12 @@ def main() -> int:
     print("== reaper: tick cost vs live sessions (python -m benchmarks.reaper_bench)", flush=True)
     status = reaper_bench.main([]) or status
     print("== warm pools: sizing on replayed traces (python -m benchmarks.pool_bench)", flush=True)
-    return pool_bench.main([]) or status
+    status = pool_bench.main([]) or status
+    print(
+        "== cold starts: 500 at once, worker concurrency 8 (python -m benchmarks.cold_start_bench)",
+        flush=True,
+    )
+    return cold_start_bench.main([]) or status
 
 
 if __name__ == "__main__":
