@@ -12,14 +12,15 @@ PYTEST_ARGS ?=
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	npm ci --no-audit --no-fund --loglevel=error
 	@touch $(STAMP)
 
 .PHONY: install
-install: $(STAMP) ## Create .venv and install labvirt with its dev tools (idempotent)
+install: $(STAMP) ## Create .venv, install labvirt with its dev tools, and the learner page's npm packages
 
 .PHONY: run
 run: install ## Run the whole system locally (Redis, simulator, API, worker, beat)
@@ -59,4 +60,4 @@ pool-load: install ## Warm pools under load: 500 concurrent creates against a po
 
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and dev state
-	rm -rf $(VENV) .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) node_modules .run .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -29,7 +29,7 @@ import structlog
 
 from shared.adapters.redis_server import EmbeddedRedis
 from shared.adapters.session_events import SessionEvents
-from shared.adapters.session_store import RedisSessionStore, _encode, _session_key
+from shared.adapters.session_store import RedisSessionStore, _encode, session_key
 from shared.domain.sessions import Session, open_session
 from shared.jobs import TEARDOWN, TaskQueue
 from shared.session_life import SessionLife
@@ -96,7 +96,7 @@ def load_live(client: redis.Redis, store: RedisSessionStore, count: int) -> None
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(count, start + LOAD_CHUNK)):
             session = _session(f"live{i}", lifetime=86_400, now=NOW)
-            pipe.set(_session_key(session.id), _encode(session))
+            pipe.set(session_key(session.id), _encode(session))
             store._index(pipe, session)  # a bulk load: the store has no public API for it
         pipe.execute()
 

@@ -1,6 +1,7 @@
 """``labvirt``: one command for every process of the system.
 
     labvirt api       the HTTP API (gunicorn)
+    labvirt gateway   event streams, terminals and the learner page (asyncio)
     labvirt worker    a Celery worker: provisioning, teardown, maintenance
     labvirt beat      the Celery beat scheduler (reaper, reconciler and prewarmer ticks)
     labvirt sim       the KubeVirt simulator
@@ -38,6 +39,13 @@ def run_api(_: argparse.Namespace) -> int:
     return 0
 
 
+def run_gateway(_: argparse.Namespace) -> int:
+    from services.gateway.app import serve  # noqa: PLC0415
+
+    serve(_settings("gateway"))
+    return 0
+
+
 def run_worker(args: argparse.Namespace) -> int:
     from labvirt.celery_process import start_worker  # noqa: PLC0415
 
@@ -71,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("api", help="serve the HTTP API").set_defaults(run=run_api)
+    commands.add_parser(
+        "gateway", help="serve event streams, terminals and the learner page"
+    ).set_defaults(run=run_gateway)
     worker = commands.add_parser("worker", help="run a Celery worker")
     worker.add_argument(
         "--queues", default=None, help="comma-separated queues (default: all of labvirt's)"

@@ -25,7 +25,15 @@ from types import FrameType
 from shared.adapters.redis_server import EmbeddedRedis, answers, free_port
 
 _PR_SET_PDEATHSIG = 1
-_COLOURS = {"dev": 37, "sim": 35, "api": 32, "worker": 36, "prewarm": 34, "beat": 33}
+_COLOURS = {
+    "dev": 37,
+    "sim": 35,
+    "api": 32,
+    "gateway": 92,
+    "worker": 36,
+    "prewarm": 34,
+    "beat": 33,
+}
 
 
 def _die_with_parent() -> None:
@@ -156,14 +164,20 @@ def _cluster(env: dict[str, str], run_dir: Path, sup: Supervisor, boot_seconds: 
     sup.say("dev", f"simulated KubeVirt cluster: kubectl --kubeconfig {kubeconfig} get vmi")
 
 
-def _api_address(env: dict[str, str], sup: Supervisor) -> str:
+def _addresses(env: dict[str, str], sup: Supervisor) -> str:
+    """One origin on ``LABVIRT_API_PORT``: the gateway listens there and hands the API's
+    paths to the API on a private port, as an ingress routes by path in production."""
     host = env.setdefault("LABVIRT_API_HOST", "127.0.0.1")
     port = int(env.get("LABVIRT_API_PORT") or 8080)
     if not _port_free(host, port):
         new_port = free_port(host)
-        sup.say("dev", f"port {port} is taken; the API uses {new_port} instead")
+        sup.say("dev", f"port {port} is taken; labvirt uses {new_port} instead")
         port = new_port
-    env["LABVIRT_API_PORT"] = str(port)
+    api_port = free_port(host)
+    env["LABVIRT_API_PORT"] = str(api_port)
+    env["LABVIRT_GATEWAY_HOST"] = host
+    env["LABVIRT_GATEWAY_PORT"] = str(port)
+    env["LABVIRT_GATEWAY_API_URL"] = f"http://{host}:{api_port}"
     return f"http://{host}:{port}"
 
 
@@ -172,6 +186,7 @@ def _banner(base: str, frontend: str, admin: str) -> list[str]:
     return [
         "",
         f"labvirt is up: {base}",
+        f"learner page:  {base}/ui/",
         f"frontend token: {frontend}",
         f"admin token:    {admin}",
         "",
@@ -207,14 +222,15 @@ def main(args: argparse.Namespace) -> int:
         _cluster(env, run_dir, sup, args.sim_boot_seconds)
         env.setdefault("LABVIRT_FRONTEND_TOKENS", f"dev-frontend-{secrets.token_hex(12)}")
         env.setdefault("LABVIRT_ADMIN_TOKENS", f"dev-admin-{secrets.token_hex(12)}")
-        base = _api_address(env, sup)
-        for name in ("api", "worker", "beat"):
+        base = _addresses(env, sup)
+        for name in ("api", "gateway", "worker", "beat"):
             sup.start(name, [sys.executable, "-m", "labvirt.cli", name], env)
         # Warm pools boot on a worker of their own, never on the threads learners wait for.
         sup.start(
             "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env
         )
-        _wait_for(lambda: _healthy(f"{base}/healthz"), timeout=60, what="the API", sup=sup)
+        # /readyz goes through the gateway to the API: both answer, and Redis too.
+        _wait_for(lambda: _healthy(f"{base}/readyz"), timeout=60, what="the API", sup=sup)
         for line in _banner(
             base,
             env["LABVIRT_FRONTEND_TOKENS"].split(",")[0],

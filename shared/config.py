@@ -43,6 +43,13 @@ class Settings:
     api_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
     api_port: int = 8080
     api_threads: int = 32
+    # The gateway: event streams, terminals and the learner page, on an asyncio loop.
+    gateway_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
+    gateway_port: int = 8081
+    # Set: the gateway also proxies every other path to this API (one origin, `labvirt dev`).
+    gateway_api_url: str | None = None
+    # A session whose every connection closed, and none came back within this, is closed.
+    disconnect_grace_seconds: float = 30.0
     frontend_tokens: frozenset[str] = field(default_factory=frozenset)
     admin_tokens: frozenset[str] = field(default_factory=frozenset)
     templates_path: Path | None = None
@@ -88,6 +95,14 @@ class Settings:
             api_host=env.string("LABVIRT_API_HOST", cls.api_host),
             api_port=env.integer("LABVIRT_API_PORT", cls.api_port, minimum=0, maximum=65535),
             api_threads=env.integer("LABVIRT_API_THREADS", cls.api_threads, minimum=1),
+            gateway_host=env.string("LABVIRT_GATEWAY_HOST", cls.gateway_host),
+            gateway_port=env.integer(
+                "LABVIRT_GATEWAY_PORT", cls.gateway_port, minimum=0, maximum=65535
+            ),
+            gateway_api_url=env.string("LABVIRT_GATEWAY_API_URL", "") or None,
+            disconnect_grace_seconds=env.number(
+                "LABVIRT_DISCONNECT_GRACE_SECONDS", cls.disconnect_grace_seconds, minimum=1
+            ),
             frontend_tokens=env.tokens("LABVIRT_FRONTEND_TOKENS"),
             admin_tokens=env.tokens("LABVIRT_ADMIN_TOKENS"),
             templates_path=env.path("LABVIRT_TEMPLATES"),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import redis
 from celery import Celery
 
+from shared.adapters.connections import ConnectionSweeper
 from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
@@ -61,6 +62,7 @@ class Runtime:
             queue=self.queue,
             clock=self.clock,
             pools=self.pools,
+            connections=ConnectionSweeper(self.redis),
             max_sessions_per_user=self.settings.max_sessions_per_user,
         )
 

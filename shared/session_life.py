@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from shared.adapters.connections import ConnectionSweeper
 from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore, SessionNotFound, UserBusy
@@ -102,6 +103,7 @@ class SessionLife:
         queue: TaskQueue,
         clock: Callable[[], float] = time.time,
         pools: RedisPoolStore | None = None,
+        connections: ConnectionSweeper | None = None,
         max_sessions_per_user: int = 1,
     ) -> None:
         self.store = store
@@ -109,6 +111,7 @@ class SessionLife:
         self._queue = queue
         self._clock = clock
         self._pools = pools
+        self._connections = connections
         self._max_sessions_per_user = max_sessions_per_user
 
     def get(self, session_id: str) -> Session | None:
@@ -280,6 +283,27 @@ class SessionLife:
         if moved:
             log.info("session.ended", session_id=session_id)
         return moved
+
+    def close_disconnected(self, *, grace: float) -> list[str]:
+        """Close every live session whose browser connections all went away more than
+        ``grace`` seconds ago and none came back (a closed tab); the ids closed now.
+
+        Connections of a gateway that died count as gone once their lease runs out. Several
+        reapers may run this at once: each due session is taken by one of them.
+        """
+        if self._connections is None:
+            return []
+        now = self._clock()
+        self._connections.expire_leases(now=now)
+        closed = []
+        for session_id in self._connections.take_due(now=now, grace=grace):
+            try:
+                session = self.close(session_id, CloseReason.DISCONNECTED)
+            except SessionNotFound:
+                continue
+            if session.ended_by == CloseReason.DISCONNECTED.value:
+                closed.append(session_id)
+        return closed
 
     def restore(self, session: Session) -> bool:
         """Store a session rebuilt from the cluster unless it exists; True if stored."""

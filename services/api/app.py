@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import structlog
@@ -11,8 +10,6 @@ from flask import Flask, Response, g, request
 from services.api.admin import admin as admin_blueprint
 from services.api.context import RUNTIME_KEY
 from services.api.errors import register_error_handlers
-from services.api.events import STOPPING_KEY
-from services.api.events import blueprint as events_blueprint
 from services.api.views import blueprint
 from shared.runtime import Runtime
 
@@ -26,8 +23,6 @@ def create_app(runtime: Runtime) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[RUNTIME_KEY] = runtime
-    # Set when the process is asked to stop: open event streams end instead of holding it up.
-    app.extensions[STOPPING_KEY] = threading.Event()
     register_error_handlers(app)
 
     @app.before_request
@@ -46,6 +41,5 @@ def create_app(runtime: Runtime) -> Flask:
         return response
 
     app.register_blueprint(blueprint)
-    app.register_blueprint(events_blueprint)
     app.register_blueprint(admin_blueprint)
     return app

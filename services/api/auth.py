@@ -1,49 +1,14 @@
-"""Who is calling: the learning frontend (platform token) or a browser (session token).
-
-Platform tokens come from configuration; a session token is handed out once, at creation, and
-stored only as a hash. Comparisons are constant-time.
-"""
+"""The API's side of credentials: the bearer token of a Flask request (``shared.credentials``
+judges it)."""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Iterable
-from dataclasses import dataclass
-from enum import StrEnum
-
 from flask import Request
 
+from shared.credentials import Caller, Role, identify, parse_bearer
 
-class Role(StrEnum):
-    FRONTEND = "frontend"
-    ADMIN = "admin"
-
-
-@dataclass(frozen=True)
-class Caller:
-    role: Role | None  # None: only a bearer token we have yet to match to a session
-    token: str
+__all__ = ["Caller", "Role", "bearer_token", "identify"]
 
 
 def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
-
-
-def matches_any(token: str, candidates: Iterable[str]) -> bool:
-    # Compare against every candidate, so timing reveals neither which nor how many matched.
-    found = False
-    for candidate in candidates:
-        found |= hmac.compare_digest(token.encode(), candidate.encode())
-    return found
-
-
-def identify(token: str, *, frontend: Iterable[str], admin: Iterable[str]) -> Caller:
-    if matches_any(token, admin):
-        return Caller(Role.ADMIN, token)
-    if matches_any(token, frontend):
-        return Caller(Role.FRONTEND, token)
-    return Caller(None, token)
+    return parse_bearer(request.headers.get("Authorization", ""))

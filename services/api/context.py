@@ -25,12 +25,10 @@ def runtime() -> Runtime:
     return result
 
 
-def caller(*, allow_body_token: bool = False, allow_query_token: bool = False) -> Caller:
+def caller(*, allow_body_token: bool = False) -> Caller:
     token = bearer_token(request)
     if token is None and allow_body_token:
         token = body(TokenBody).get("token")
-    if token is None and allow_query_token:
-        token = request.args.get("token") or None
     if token is None:
         raise unauthorized()
     settings = runtime().settings

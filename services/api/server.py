@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-import threading
-from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from services.api.app import create_app
-from services.api.events import STOPPING_KEY
 from shared.config import Settings
 from shared.runtime import build_runtime
 
@@ -46,27 +41,5 @@ def serve(settings: Settings) -> None:
             "errorlog": "-",
             "loglevel": settings.log_level.lower(),
             "proc_name": "labvirt-api",
-            "post_worker_init": _end_streams_on_stop(app.extensions[STOPPING_KEY]),
         },
     ).run()
-
-
-def _end_streams_on_stop(stopping: threading.Event) -> Callable[[Any], None]:
-    """A gunicorn hook: the worker's stop signals also end open event streams.
-
-    gthread waits for in-flight requests before it exits; an event stream would keep it
-    waiting until the graceful timeout. Chained in front of gunicorn's own handlers.
-    """
-
-    def post_worker_init(_worker: Any) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            previous = signal.getsignal(signum)
-
-            def handler(received: int, frame: FrameType | None, previous: Any = previous) -> None:
-                stopping.set()
-                if callable(previous):
-                    previous(received, frame)
-
-            signal.signal(signum, handler)
-
-    return post_worker_init

@@ -9,7 +9,8 @@ from flask import Blueprint, Response, jsonify
 
 from services.api.context import body, caller, platform_caller, runtime, session_for
 from services.api.errors import ApiError, invalid_request, session_not_found
-from services.api.schemas import CreateSessionRequest, TokenBody, session_body
+from services.api.schemas import CreateSessionRequest, TokenBody, session_body, timestamp
+from shared.adapters.tickets import issue_ticket
 from shared.domain.lifecycle import ExtensionRefused, clocks_for
 from shared.domain.reasons import CloseReason
 from shared.domain.sessions import InvalidUser, NotLive, Session, check_user
@@ -178,6 +179,21 @@ def extend_session(session_id: str) -> Response:
     except ExtensionRefused as exc:
         raise ApiError(409, exc.code, exc.message, details=_deadlines(session)) from exc
     return jsonify(session_body(session))
+
+
+@blueprint.post("/v1/sessions/<session_id>/tickets")
+def create_ticket(session_id: str) -> tuple[Response, int]:
+    """A one-time, 30-second ticket that opens one terminal or event stream of this session.
+
+    The session token (or a frontend token) travels in the header here, so that only the
+    ticket ever appears in a URL.
+    """
+    session = session_for(session_id, caller())
+    if not session.is_live:
+        raise ApiError(409, "session_closed", f"the session is {session.state.value}")
+    rt = runtime()
+    ticket, expires_at = issue_ticket(rt.redis, session.id, now=rt.clock())
+    return jsonify({"ticket": ticket, "expires_at": timestamp(expires_at)}), 201
 
 
 def _deadlines(session: Session) -> dict[str, Any]:

@@ -41,7 +41,13 @@ def build_reconciler(runtime: Runtime) -> Reconciler:
 def reap(task: Task, _payload: dict[str, str]) -> dict[str, Any]:
     runtime = runtime_of(task.app)
     reaped = runtime.life.reap(batch=runtime.settings.reaper_batch, rng=random.Random())
-    return {"teardowns": len(reaped.teardowns), "warnings": len(reaped.warnings)}
+    # A learner who closed the tab: every connection gone for the grace time.
+    disconnected = runtime.life.close_disconnected(grace=runtime.settings.disconnect_grace_seconds)
+    return {
+        "teardowns": len(reaped.teardowns),
+        "warnings": len(reaped.warnings),
+        "disconnected": len(disconnected),
+    }
 
 
 @labvirt_task(RECONCILE)

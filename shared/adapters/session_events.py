@@ -20,6 +20,9 @@ STREAM_MAXLEN: Final = 200
 # Kept as long as a finished session's document (the longest-lived session is far shorter).
 STREAM_RETENTION_SECONDS: Final = 24 * 3600
 START: Final = "0-0"
+# Every append is also announced here (the session id), so a gateway follows thousands of
+# streams with one subscription instead of one blocked XREAD each.
+NOTIFY_CHANNEL: Final = f"{PREFIX}:events-appended"
 _STREAM_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
@@ -36,6 +39,7 @@ def append(pipe: Any, session_id: str, event: ProgressEvent) -> None:
     key = events_key(session_id)
     pipe.xadd(key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True)
     pipe.expire(key, STREAM_RETENTION_SECONDS)
+    pipe.publish(NOTIFY_CHANNEL, session_id)
 
 
 class SessionEvents:

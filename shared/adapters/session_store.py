@@ -46,7 +46,7 @@ class UserBusy(RuntimeError):
     """Another request holds this user's lock for longer than a request should wait."""
 
 
-def _session_key(session_id: str) -> str:
+def session_key(session_id: str) -> str:
     return f"{PREFIX}:session:{session_id}"
 
 
@@ -94,7 +94,7 @@ class RedisSessionStore:
         return stored
 
     def _insert(self, session: Session, *, announce: bool) -> bool:
-        key = _session_key(session.id)
+        key = session_key(session.id)
 
         def attempt(pipe: Any) -> bool:
             # Check before queueing anything: a refused add must leave the existing session's
@@ -113,7 +113,7 @@ class RedisSessionStore:
         return bool(self._redis.transaction(attempt, key, value_from_callable=True))  # type: ignore[arg-type]
 
     def get(self, session_id: str) -> Session | None:
-        raw = self._redis.get(_session_key(session_id))
+        raw = self._redis.get(session_key(session_id))
         return None if raw is None else _decode(raw)
 
     def get_many(self, session_ids: list[str]) -> dict[str, Session]:
@@ -121,7 +121,7 @@ class RedisSessionStore:
         found: dict[str, Session] = {}
         for start in range(0, len(session_ids), _MGET_CHUNK):
             chunk = session_ids[start : start + _MGET_CHUNK]
-            raws = cast(list[Any], self._redis.mget([_session_key(i) for i in chunk]))
+            raws = cast(list[Any], self._redis.mget([session_key(i) for i in chunk]))
             for session_id, raw in zip(chunk, raws, strict=True):
                 if raw is not None:
                     found[session_id] = _decode(raw)
@@ -147,7 +147,7 @@ class RedisSessionStore:
         asks for the deadlines to be indexed again (the reaper's way to drop stale ones).
         ``announce`` may add a progress event of its own to the same transaction.
         """
-        key = _session_key(session_id)
+        key = session_key(session_id)
         committed: list[tuple[Session, Session]] = []
 
         def attempt(pipe: Any) -> Session:
@@ -247,7 +247,7 @@ class RedisSessionStore:
         if session.is_final:
             pipe.srem(_user_key(session.user), session.id)
             pipe.srem(_region_key(session.region), session.id)
-            pipe.expire(_session_key(session.id), FINISHED_RETENTION_SECONDS)
+            pipe.expire(session_key(session.id), FINISHED_RETENTION_SECONDS)
             return
         pipe.sadd(_user_key(session.user), session.id)
         pipe.sadd(_region_key(session.region), session.id)

@@ -155,6 +155,7 @@ class System:
     procs: dict[str, Proc] = field(default_factory=dict)
     http: requests.Session = field(default_factory=requests.Session)
     env: dict[str, str] = field(default_factory=dict)  # what the processes were started with
+    api_url: str = ""  # the API itself, behind the gateway
 
     def call(
         self, method: str, path: str, *, token: str | None = FRONTEND_TOKEN, **kwargs: Any
@@ -207,9 +208,15 @@ def start_system(
     extra_env: dict[str, str] | None = None,
     sim_args: list[str] | None = None,
 ) -> System:
-    """Simulator, then `labvirt api`, `labvirt worker` and `labvirt beat`, each on its own."""
+    """Simulator, then `labvirt api`, `gateway`, `worker` and `beat`, each on its own.
+
+    The gateway is the one origin the tests talk to (``base_url``), as a browser does behind
+    an ingress: it serves event streams and terminals and hands the API's paths to the API
+    (``api_url``, which tests may also call directly).
+    """
     sim = start_simulator(tmp, extra=sim_args)
     port = free_port()
+    gateway_port = free_port()
     env = dict(os.environ)
     env.update(
         {
@@ -219,6 +226,9 @@ def start_system(
             "LABVIRT_NAMESPACE": NAMESPACE,
             "LABVIRT_API_HOST": "127.0.0.1",
             "LABVIRT_API_PORT": str(port),
+            "LABVIRT_GATEWAY_HOST": "127.0.0.1",
+            "LABVIRT_GATEWAY_PORT": str(gateway_port),
+            "LABVIRT_GATEWAY_API_URL": f"http://127.0.0.1:{port}",
             "LABVIRT_FRONTEND_TOKENS": FRONTEND_TOKEN,
             "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
             "LABVIRT_TEMPLATES": str(templates_file(tmp)),
@@ -230,13 +240,20 @@ def start_system(
     env.update(extra_env or {})
     procs = {
         name: start(name, [sys.executable, "-m", "labvirt.cli", name], env, tmp)
-        for name in ("api", "worker", "beat")
+        for name in ("api", "gateway", "worker", "beat")
     }
     # Warm pools boot on a worker of their own, as in production (the `prewarm` queue).
     procs["prewarm"] = start(
         "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env, tmp
     )
-    system = System(f"http://127.0.0.1:{port}", sim, redis_url, procs, env=env)
+    system = System(
+        f"http://127.0.0.1:{gateway_port}",
+        sim,
+        redis_url,
+        procs,
+        env=env,
+        api_url=f"http://127.0.0.1:{port}",
+    )
 
     def api_ready() -> bool:
         for proc in procs.values():
@@ -248,7 +265,7 @@ def start_system(
             return False
 
     try:
-        wait_until(api_ready, timeout=60, what="the API to answer /readyz")
+        wait_until(api_ready, timeout=60, what="the API to answer /readyz through the gateway")
     except BaseException:
         system.stop()
         raise

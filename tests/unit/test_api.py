@@ -751,7 +751,6 @@ def test_unknown_routes_are_json_404(api: Api, path: str) -> None:
         ("PATCH", f"/v1/sessions/{ABSENT_ID}", {"GET", "HEAD", "DELETE"}),
         ("GET", f"/v1/sessions/{ABSENT_ID}/close", {"POST"}),
         ("GET", f"/v1/sessions/{ABSENT_ID}/extend", {"POST"}),
-        ("POST", f"/v1/sessions/{ABSENT_ID}/events", {"GET", "HEAD"}),
     ],
 )
 def test_wrong_methods_are_json_405_with_allow(

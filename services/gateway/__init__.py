@@ -1,0 +1,1 @@
+"""The gateway: long-lived browser connections on one asyncio loop (event streams, terminals)."""
