@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import cold_start_bench, pool_bench, reaper_bench, sim_bench
+from benchmarks import cold_start_bench, gateway_bench, pool_bench, reaper_bench, sim_bench
 
 
 def main() -> int:
@@ -21,7 +21,12 @@ def main() -> int:
         "== cold starts: 500 at once, worker concurrency 8 (python -m benchmarks.cold_start_bench)",
         flush=True,
     )
-    return cold_start_bench.main([]) or status
+    status = cold_start_bench.main([]) or status
+    print(
+        "== gateway: 2,000 event streams and 200 terminals (python -m benchmarks.gateway_bench)",
+        flush=True,
+    )
+    return gateway_bench.main([]) or status
 
 
 if __name__ == "__main__":
