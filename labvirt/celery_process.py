@@ -17,9 +17,10 @@ from services.provisioner import wiring as provisioner_wiring
 from services.reaper.reconciler import Reconciler
 from services.reaper.tasks import build_reconciler
 from shared.adapters.clusters import Clusters
+from shared.adapters.template_files import load_templates
 from shared.config import Settings
 from shared.jobs import PREWARM_QUEUE, PROVISION_QUEUE, QUEUES, make_celery
-from shared.runtime import Runtime, attach_runtime, build_runtime
+from shared.runtime import Runtime, attach_runtime, build_runtime, check_startup
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,7 @@ def wire_worker(settings: Settings, *, queues: list[str]) -> tuple[Celery, Runti
     """The worker's Celery app with its runtime and services; informers started."""
     app = make_celery(settings)
     runtime = build_runtime(settings, celery=app, clusters=Clusters(settings))
+    check_startup(settings, app, runtime.templates)
     attach_runtime(app, runtime)
     runtime.service(Reconciler, build_reconciler)
     informers = provisioner_wiring.wire(
@@ -77,6 +79,7 @@ def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
 
 def start_beat(settings: Settings) -> None:
     app = make_celery(settings)
+    check_startup(settings, app, load_templates(settings.templates_path))
     app.start(
         [
             "beat",

@@ -6,6 +6,7 @@
     labvirt beat      the Celery beat scheduler (reaper, reconciler and prewarmer ticks)
     labvirt sim       the KubeVirt simulator
     labvirt dev       all of the above on one machine, for a newcomer
+    labvirt ops       an operator's commands: failed tasks, sessions, pools, drains
 
 Every service reads its configuration from the environment (see README).
 """
@@ -16,6 +17,7 @@ import argparse
 import os
 import socket
 import sys
+from typing import Any
 
 from shared.config import ConfigError, Settings
 
@@ -35,8 +37,8 @@ def _settings(process: str) -> Settings:
 def run_api(_: argparse.Namespace) -> int:
     from services.api.server import serve  # noqa: PLC0415
 
-    serve(_settings("api"))
-    return 0
+    settings = _settings("api")
+    return _refusing_bad_config("api", lambda: serve(settings))
 
 
 def run_gateway(_: argparse.Namespace) -> int:
@@ -50,15 +52,17 @@ def run_worker(args: argparse.Namespace) -> int:
     from labvirt.celery_process import start_worker  # noqa: PLC0415
 
     settings = _settings("worker")
-    start_worker(settings, queues=args.queues, name=f"labvirt-{os.getpid()}@{socket.gethostname()}")
-    return 0
+    name = f"labvirt-{os.getpid()}@{socket.gethostname()}"
+    return _refusing_bad_config(
+        "worker", lambda: start_worker(settings, queues=args.queues, name=name)
+    )
 
 
 def run_beat(_: argparse.Namespace) -> int:
     from labvirt.celery_process import start_beat  # noqa: PLC0415
 
-    start_beat(_settings("beat"))
-    return 0
+    settings = _settings("beat")
+    return _refusing_bad_config("beat", lambda: start_beat(settings))
 
 
 def run_sim(sim_argv: list[str]) -> int:
@@ -90,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("beat", help="run the Celery beat scheduler").set_defaults(run=run_beat)
     # Listed for `labvirt --help` only: `main` hands `labvirt sim ...` to the simulator's parser.
     commands.add_parser("sim", help="run the KubeVirt simulator (labvirt sim --help)")
+    commands.add_parser("ops", help="operate a running labvirt (labvirt ops --help)")
     dev = commands.add_parser("dev", help="run the whole system locally")
     dev.add_argument(
         "--sim-boot-seconds",
@@ -102,11 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusing_bad_config(process: str, start: Any) -> int:
+    """Run a process's start-up; a configuration it refuses ends it with the reason (exit 2)."""
+    try:
+        start()
+    except ConfigError as exc:
+        print(f"labvirt {process}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sim"]:
         # Before argparse, which would take the simulator's options (and --help) for ours.
         return run_sim(argv[1:])
+    if argv[:1] == ["ops"]:
+        from labvirt.ops import main as ops_main  # noqa: PLC0415
+
+        return ops_main(argv[1:])
     args = build_parser().parse_args(argv)
     result: int = args.run(args)
     return result

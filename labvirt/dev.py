@@ -137,9 +137,12 @@ def _redis(env: dict[str, str], run_dir: Path, sup: Supervisor) -> EmbeddedRedis
     return embedded
 
 
+_CLUSTER_VARIABLES = ("LABVIRT_KUBECONFIG", "LABVIRT_CLUSTERS", "LABVIRT_CLUSTERS_FILE")
+
+
 def _cluster(env: dict[str, str], run_dir: Path, sup: Supervisor, boot_seconds: float) -> None:
-    if env.get("LABVIRT_KUBECONFIG") or env.get("LABVIRT_CLUSTERS"):
-        sup.say("dev", "using the cluster from LABVIRT_KUBECONFIG / LABVIRT_CLUSTERS")
+    if any(env.get(name) for name in _CLUSTER_VARIABLES):
+        sup.say("dev", f"using the cluster(s) from {' / '.join(_CLUSTER_VARIABLES)}")
         return
     kubeconfig = run_dir / "sim.kubeconfig"
     kubeconfig.unlink(missing_ok=True)

@@ -14,6 +14,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from shared.cluster_config import (
+    Cluster,
+    ClusterConfigError,
+    clusters_from_file,
+    clusters_from_spec,
+)
+
+__all__ = ["Cluster", "ConfigError", "Mode", "Settings"]
+
 
 class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
@@ -22,16 +31,6 @@ class ConfigError(ValueError):
 class Mode(StrEnum):
     DEV = "dev"
     PRODUCTION = "production"
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """One Kubernetes cluster with KubeVirt, serving one region."""
-
-    region: str
-    kubeconfig: Path | None  # None: the in-cluster service account
-    context: str | None
-    namespace: str
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,12 @@ class Settings:
     gateway_api_url: str | None = None
     # A session whose every connection closed, and none came back within this, is closed.
     disconnect_grace_seconds: float = 30.0
+    # A task's time limit, and how long a dead worker's task waits before another takes it.
+    task_time_limit_seconds: float = 120.0
+    visibility_timeout_seconds: float = 300.0
+    # Tasks that failed for good: how long their records stay, and how many at most.
+    dead_letter_retention_seconds: float = 7 * 24 * 3600.0
+    dead_letter_max: int = 10_000
     frontend_tokens: frozenset[str] = field(default_factory=frozenset)
     admin_tokens: frozenset[str] = field(default_factory=frozenset)
     templates_path: Path | None = None
@@ -79,6 +84,8 @@ class Settings:
     prewarm_batch: int = 10
     prewarm_max_in_flight: int = 20
     pool_max_warm_age_seconds: float = 4 * 3600.0
+    # Each worker marks the regions it follows alive this often (for 3x as long).
+    region_heartbeat_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +110,18 @@ class Settings:
             disconnect_grace_seconds=env.number(
                 "LABVIRT_DISCONNECT_GRACE_SECONDS", cls.disconnect_grace_seconds, minimum=1
             ),
+            task_time_limit_seconds=env.number(
+                "LABVIRT_TASK_TIME_LIMIT_SECONDS", cls.task_time_limit_seconds, minimum=1
+            ),
+            visibility_timeout_seconds=env.number(
+                "LABVIRT_VISIBILITY_TIMEOUT_SECONDS", cls.visibility_timeout_seconds, minimum=1
+            ),
+            dead_letter_retention_seconds=env.number(
+                "LABVIRT_DEAD_LETTER_RETENTION_SECONDS",
+                cls.dead_letter_retention_seconds,
+                minimum=60,
+            ),
+            dead_letter_max=env.integer("LABVIRT_DEAD_LETTER_MAX", cls.dead_letter_max, minimum=1),
             frontend_tokens=env.tokens("LABVIRT_FRONTEND_TOKENS"),
             admin_tokens=env.tokens("LABVIRT_ADMIN_TOKENS"),
             templates_path=env.path("LABVIRT_TEMPLATES"),
@@ -167,6 +186,9 @@ class Settings:
             pool_max_warm_age_seconds=env.number(
                 "LABVIRT_POOL_MAX_WARM_AGE_SECONDS", cls.pool_max_warm_age_seconds, minimum=60
             ),
+            region_heartbeat_seconds=env.number(
+                "LABVIRT_REGION_HEARTBEAT_SECONDS", cls.region_heartbeat_seconds, minimum=0.2
+            ),
         )
         settings.validate()
         return settings
@@ -202,28 +224,32 @@ class Settings:
 
 
 def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluster, ...]:
-    """``LABVIRT_CLUSTERS=eu=/k/eu.yaml,us=/k/us.yaml[@context]``, else one cluster.
+    """``LABVIRT_CLUSTERS_FILE`` (``shared.cluster_config``), else the one-line
+    ``LABVIRT_CLUSTERS=eu=/k/eu.yaml,us=/k/us.yaml[@context]``, else one cluster.
 
     The single cluster comes from ``LABVIRT_KUBECONFIG`` (and ``LABVIRT_KUBE_CONTEXT``), or
     the in-cluster service account when that is unset too.
     """
+    path = env.path("LABVIRT_CLUSTERS_FILE")
     spec = env.string("LABVIRT_CLUSTERS", "")
+    if path is not None and spec:
+        raise ConfigError(
+            "LABVIRT_CLUSTERS_FILE and LABVIRT_CLUSTERS are both set: give the regions once "
+            "(the file is the full form)"
+        )
+    if path is not None:
+        try:
+            return clusters_from_file(path, namespace=namespace)
+        except ClusterConfigError as exc:
+            raise ConfigError(f"LABVIRT_CLUSTERS_FILE={str(path)!r}: {exc}") from None
     if not spec:
         kubeconfig = env.path("LABVIRT_KUBECONFIG")
         context = env.string("LABVIRT_KUBE_CONTEXT", "") or None
         return (Cluster(default_region, kubeconfig, context, namespace),)
-    clusters: list[Cluster] = []
-    for item in spec.split(","):
-        region, sep, rest = item.strip().partition("=")
-        if not sep or not region or not rest:
-            raise ConfigError(f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]")
-        path, _, context = rest.partition("@")
-        if not path:
-            raise ConfigError(f"LABVIRT_CLUSTERS: {item!r} is not REGION=KUBECONFIG[@CONTEXT]")
-        if region in {c.region for c in clusters}:
-            raise ConfigError(f"LABVIRT_CLUSTERS: region {region!r} is listed twice")
-        clusters.append(Cluster(region, Path(path), context or None, namespace))
-    return tuple(clusters)
+    try:
+        return clusters_from_spec(spec, namespace=namespace)
+    except ClusterConfigError as exc:
+        raise ConfigError(f"LABVIRT_CLUSTERS: {exc}") from None
 
 
 class _Env:

@@ -9,6 +9,7 @@ loudly at either end instead of deep inside a task. Queues are chosen by ``task_
 from __future__ import annotations
 
 import functools
+import traceback
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final, TypedDict
@@ -17,8 +18,11 @@ import structlog
 from celery import Celery, Task, shared_task
 from kombu.entity import Queue
 
+from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.retrying import DEFAULT_TASK_BUDGET, retry_budget
-from shared.config import Settings
+from shared.config import ConfigError, Settings
+
+log = structlog.get_logger(__name__)
 
 PROVISION = "labvirt.provision"
 TEARDOWN = "labvirt.teardown"
@@ -128,8 +132,27 @@ def labvirt_task(
         def run(self: Task, **payload: Any) -> dict[str, Any]:
             checked = check_payload(name, payload)
             structlog.contextvars.bind_contextvars(task_id=self.request.id, task=name, **checked)
-            with retry_budget(retry_budget_size):
-                return body(self, checked)
+            dead_letters: DeadLetters | None = getattr(self.app, "labvirt_dead_letters", None)
+            try:
+                with retry_budget(retry_budget_size):
+                    result = body(self, checked)
+            except Exception as exc:
+                # Failed for good: nothing retries a labvirt task on top of its budget, so an
+                # operator sees it in the dead letters, to requeue once the cause is gone.
+                log.exception("task.failed", error=str(exc))
+                if dead_letters is not None:
+                    dead_letters.record(
+                        task=name,
+                        payload=checked,
+                        task_id=self.request.id,
+                        error=exc,
+                        traceback=traceback.format_exc(),
+                        concerns=checked,
+                    )
+                raise
+            if dead_letters is not None:
+                dead_letters.resolved(name, checked)
+            return result
 
         return shared_task(bind=True, name=name, acks_late=True, ignore_result=True)(run)
 
@@ -158,10 +181,12 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         broker_connection_retry_on_startup=True,
-        # A task a dead worker held goes back on the queue after this long. It must outlast
-        # the longest provision (a slow boot under emulation); tasks are idempotent, so a
-        # late duplicate does no harm, while a long timeout only delays recovery.
-        broker_transport_options={"visibility_timeout": 900},
+        # A task runs at most this long (it creates, deletes or patches; boots are followed by
+        # the informer), and one a dead worker held goes back on the queue after the
+        # visibility timeout: tasks are idempotent, so a late duplicate does no harm.
+        # ``check_celery`` refuses a process whose timeouts do not nest.
+        task_time_limit=settings.task_time_limit_seconds,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         # kombu ships no type hints.
         task_queues=[Queue(name) for name in (*QUEUES, PREWARM_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,
@@ -198,3 +223,40 @@ def make_celery(settings: Settings) -> Celery:
         timezone="UTC",
     )
     return app
+
+
+def check_celery(app: Celery, *, startup_timeout_seconds: float) -> None:
+    """Refuse to start on settings that would lose or repeat work wrongly, naming the setting.
+
+    JSON only; every labvirt task ``acks_late`` and rejected when its worker dies (all are
+    safe to repeat); prefetch 1; and the timeouts nested: a task's time limit below the
+    broker's visibility timeout (or a slow task would run twice at once), and that below the
+    shortest session startup timeout (or a dead worker's provision would come back after the
+    learner was already told it failed).
+    """
+    conf = app.conf
+    problems = []
+    if conf.task_serializer != "json" or list(conf.accept_content) != ["json"]:
+        problems.append("task_serializer/accept_content must be JSON only")
+    if not conf.task_acks_late or not conf.task_reject_on_worker_lost:
+        problems.append("task_acks_late and task_reject_on_worker_lost must be on")
+    if conf.worker_prefetch_multiplier != 1:
+        problems.append("worker_prefetch_multiplier must be 1")
+    for name, task in app.tasks.items():
+        if name.startswith("labvirt.") and not getattr(task, "acks_late", False):
+            problems.append(f"task {name} must be acks_late")
+    limit = float(conf.task_time_limit or 0)
+    visibility = float((conf.broker_transport_options or {}).get("visibility_timeout", 0))
+    if not 0 < limit < visibility:
+        problems.append(
+            f"LABVIRT_TASK_TIME_LIMIT_SECONDS ({limit:g}) must be below "
+            f"LABVIRT_VISIBILITY_TIMEOUT_SECONDS ({visibility:g})"
+        )
+    if not visibility < startup_timeout_seconds:
+        problems.append(
+            f"LABVIRT_VISIBILITY_TIMEOUT_SECONDS ({visibility:g}) must be below the shortest "
+            f"session startup timeout ({startup_timeout_seconds:g} s: "
+            "LABVIRT_STARTUP_TIMEOUT_SECONDS or the templates' startup_timeout_seconds)"
+        )
+    if problems:
+        raise ConfigError("; ".join(problems))

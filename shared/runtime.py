@@ -18,14 +18,17 @@ import redis
 from celery import Celery
 
 from shared.adapters.connections import ConnectionSweeper
+from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.region_state import RedisRegionState
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Settings
-from shared.domain.lifecycle import ClockOverrides, DeadlinePolicy
+from shared.domain.lifecycle import ClockOverrides, DeadlinePolicy, clocks_for
 from shared.domain.templates import Template
-from shared.jobs import TaskQueue, make_celery
+from shared.jobs import TaskQueue, check_celery, make_celery
+from shared.regions import RegionPicker
 from shared.session_life import SessionLife
 
 if TYPE_CHECKING:  # only workers hold Kubernetes clients; the API never imports them
@@ -50,12 +53,28 @@ class Runtime:
     events: SessionEvents = field(init=False)
     queue: TaskQueue = field(init=False)
     life: SessionLife = field(init=False)
+    # Where new sessions go: regions' liveness, drain flags and load (``shared.regions``).
+    regions: RegionPicker = field(init=False)
+    dead_letters: DeadLetters = field(init=False)
     _services: dict[type, Any] = field(init=False, default_factory=dict)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self.events = SessionEvents(self.redis)
         self.queue = TaskQueue(self.celery)
+        self.regions = RegionPicker(
+            settings=self.settings,
+            state=RedisRegionState(self.redis),
+            sessions=self.sessions,
+            templates=self.templates,
+            pools=self.pools,
+        )
+        self.dead_letters = DeadLetters(
+            self.redis,
+            retention_seconds=self.settings.dead_letter_retention_seconds,
+            max_records=self.settings.dead_letter_max,
+            clock=self.clock,
+        )
         self.life = SessionLife(
             store=self.sessions,
             events=self.events,
@@ -64,6 +83,7 @@ class Runtime:
             pools=self.pools,
             connections=ConnectionSweeper(self.redis),
             max_sessions_per_user=self.settings.max_sessions_per_user,
+            regions=self.regions,
         )
 
     def kube(self) -> Clusters:
@@ -101,6 +121,18 @@ def build_runtime(
     )
 
 
+def check_startup(settings: Settings, celery: Celery, templates: dict[str, Template]) -> None:
+    """Every process runs this at start: Celery's settings and the timeouts must fit together
+    (``shared.jobs.check_celery``); a ``ConfigError`` names what to change."""
+    celery.loader.import_default_modules()
+    overrides = clock_overrides(settings)
+    shortest = min(
+        (clocks_for(t, overrides).startup_timeout_seconds for t in templates.values()),
+        default=float("inf"),
+    )
+    check_celery(celery, startup_timeout_seconds=shortest)
+
+
 def deadline_policy(settings: Settings) -> DeadlinePolicy:
     return DeadlinePolicy(
         expiry_warning_seconds=settings.expiry_warning_seconds,
@@ -128,3 +160,5 @@ def runtime_of(app: Celery) -> Runtime:
 
 def attach_runtime(app: Celery, runtime: Runtime) -> None:
     app.labvirt_runtime = runtime
+    # Where a task that fails for good is recorded (``shared.jobs.labvirt_task``).
+    app.labvirt_dead_letters = runtime.dead_letters

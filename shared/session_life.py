@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -38,10 +37,9 @@ from shared.domain.lifecycle import (
     on_deadline,
     start_session,
 )
-from shared.domain.pools.config import PoolKey
 from shared.domain.reasons import CloseReason, Failure
+from shared.domain.regions import RegionChoice, RegionHint
 from shared.domain.sessions import (
-    EnvironmentId,
     IllegalTransition,
     NotLive,
     Session,
@@ -49,6 +47,9 @@ from shared.domain.sessions import (
     VmView,
 )
 from shared.jobs import BIND_ENVIRONMENT, PROVISION, TEARDOWN, TaskQueue
+from shared.regions import RegionPicker
+from shared.session_results import NotQueued, Opened, Reaped, SessionLimitReached
+from shared.warm_claim import claim_warm_environment
 
 log = structlog.get_logger(__name__)
 
@@ -63,37 +64,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Opened:
-    """A create's answer: a new session with its token, or the user's own to reconnect to."""
-
-    session: Session
-    token: str | None
-    reconnected: bool = False
-
-
-class SessionLimitReached(Exception):
-    """The user already holds as many live sessions of other templates as allowed."""
-
-    def __init__(self, user: str, conflicting: tuple[Session, ...], limit: int) -> None:
-        super().__init__(f"user {user!r} already has {len(conflicting)} active session(s)")
-        self.user = user
-        self.conflicting = conflicting
-        self.limit = limit
-
-
-class NotQueued(Exception):
-    """The session was stored but its first task could not be queued; it is failed."""
-
-
-@dataclass
-class Reaped:
-    """What one reaper pass settled: sessions closed or failed, and sessions warned."""
-
-    teardowns: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
 class SessionLife:
     def __init__(
         self,
@@ -105,6 +75,7 @@ class SessionLife:
         pools: RedisPoolStore | None = None,
         connections: ConnectionSweeper | None = None,
         max_sessions_per_user: int = 1,
+        regions: RegionPicker | None = None,
     ) -> None:
         self.store = store
         self._events = events
@@ -113,6 +84,7 @@ class SessionLife:
         self._pools = pools
         self._connections = connections
         self._max_sessions_per_user = max_sessions_per_user
+        self._regions = regions
 
     def get(self, session_id: str) -> Session | None:
         return self.store.get(session_id)
@@ -120,26 +92,45 @@ class SessionLife:
     # -- opening ----------------------------------------------------------------------------
 
     def open(
-        self, *, user: str, template: str, region: str, clocks: SessionClocks, replace: bool
+        self,
+        *,
+        user: str,
+        template: str,
+        clocks: SessionClocks,
+        replace: bool,
+        region: str | None = None,
+        hint: RegionHint | None = None,
     ) -> Opened:
         """One active session per user: reconnect, refuse, or open (closing replaced ones).
 
         Creates for one user are serialised by a Redis lock (``UserBusy`` when it is held
         too long), so a double click cannot open two sessions.
+
+        The region is decided here and nowhere else: ``region`` names one (shorthand for
+        ``RegionHint(region=...)``), ``hint`` may instead give a location or a country, or
+        nothing. A reconnect keeps the user's session where it is; otherwise the region picker
+        (``shared.regions``) chooses before anything is closed or stored, and raises
+        ``UnknownRegion`` or ``NoRegion`` (full, down, drained) when no region can take it.
         """
+        if region is not None:
+            hint = RegionHint(region=region)
+        hint = hint or RegionHint()
         with self.store.user_lock(user):
             admission = admit(
                 self.store.user_sessions(user),
                 template=template,
-                region=region,
+                region=hint.region,
                 max_sessions=self._max_sessions_per_user,
                 replace_existing=replace,
             )
             if admission.decision is Decision.RECONNECT and admission.session is not None:
                 log.info("session.reconnected", session_id=admission.session.id)
-                return Opened(admission.session, None, reconnected=True)
+                reason = f"reconnected to the user's session in {admission.session.region}"
+                return Opened(admission.session, None, reconnected=True, region_reason=reason)
             if admission.decision is Decision.REFUSE:
                 raise SessionLimitReached(user, admission.conflicting, self._max_sessions_per_user)
+            choice = self._choose_region(hint, template)
+            region = choice.region
             for old in admission.to_close:
                 try:
                     self.close(old.id, CloseReason.REPLACED)
@@ -160,24 +151,26 @@ class SessionLife:
                 self._move(session.id, lambda s: s.fail(Failure.not_queued(), at=self._clock()))
                 log.exception("session.enqueue_failed")
                 raise NotQueued(str(exc)) from exc
-        log.info("session.created", user=user, region=region, warm=session.warm)
-        return Opened(session, token)
+        log.info(
+            "session.created",
+            user=user,
+            region=region,
+            region_reason=choice.reason,
+            warm=session.warm,
+        )
+        return Opened(session, token, region_reason=choice.reason)
+
+    def _choose_region(self, hint: RegionHint, template: str) -> RegionChoice:
+        if self._regions is not None:
+            return self._regions.choose(hint, template=template)
+        if hint.region is None:  # a SessionLife built without regions (tests, benchmarks)
+            raise ValueError("this SessionLife has no region picker: name the region")
+        return RegionChoice(hint.region, "requested")
 
     def _claim_warm_environment(self, session: Session) -> Session:
-        """``session`` started in a warm environment of its pool, or unchanged on a miss.
-
-        Hit or miss, the claim is recorded: it is the demand adaptive pools learn from.
-        """
         if self._pools is None:
             return session
-        key = PoolKey(session.region, session.template)
-        now = self._clock()
-        env = self._pools.claim(key, session_id=session.id, at=now)
-        self._pools.record_claim(key, session_id=session.id, hit=env is not None, at=now)
-        if env is None:
-            return session
-        log.info("pool.claimed", pool=str(key), environment_id=env.id, session_id=session.id)
-        return session.warm_start(environment_id=EnvironmentId(env.id), vms=env.vms, at=now)
+        return claim_warm_environment(self._pools, session, now=self._clock())
 
     # -- while it boots and serves ------------------------------------------------------------
 

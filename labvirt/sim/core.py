@@ -365,14 +365,18 @@ class ServiceStrategy:
 
 
 class NetworkPolicyStrategy:
+    """Defaults and the checks of the API server a client meets first: an omitted
+    ``podSelector`` is the empty one (every pod, as the server decodes it), ``policyTypes``
+    follows the rules present, selectors are label maps, and every peer names something."""
+
     def on_create(self, obj: Obj) -> None:
         self._default_and_validate(obj)
 
     def on_update(self, old: Obj, new: Obj) -> None:  # noqa: ARG002 - the Admission protocol
         self._default_and_validate(new)
 
-    @staticmethod
-    def _default_and_validate(obj: Obj) -> None:
+    @classmethod
+    def _default_and_validate(cls, obj: Obj) -> None:
         spec = obj.setdefault("spec", {})
         name = obj["metadata"]["name"]
         if not isinstance(spec, dict):
@@ -385,21 +389,51 @@ class NetworkPolicyStrategy:
         spec.setdefault("podSelector", {})
         if "policyTypes" not in spec:
             spec["policyTypes"] = ["Ingress"] + (["Egress"] if spec.get("egress") else [])
+        causes = cls._selector_causes("spec.podSelector", spec["podSelector"])
         for i, policy_type in enumerate(spec["policyTypes"]):
             if policy_type not in ("Ingress", "Egress"):
-                raise invalid(
-                    "NetworkPolicy",
-                    "networking.k8s.io",
-                    name,
-                    [
-                        _cause(
-                            f"spec.policyTypes[{i}]",
-                            f'Unsupported value: "{policy_type}": supported values: '
-                            '"Egress", "Ingress"',
-                            "FieldValueNotSupported",
-                        )
-                    ],
+                causes.append(
+                    _cause(
+                        f"spec.policyTypes[{i}]",
+                        f'Unsupported value: "{policy_type}": supported values: '
+                        '"Egress", "Ingress"',
+                        "FieldValueNotSupported",
+                    )
                 )
+        for direction, peers_key in (("ingress", "from"), ("egress", "to")):
+            rules = spec.get(direction) or []
+            for i, rule in enumerate(rules if isinstance(rules, list) else [None]):
+                where = f"spec.{direction}[{i}]"
+                if not isinstance(rule, dict):
+                    causes.append(_cause(where, "Invalid value: must be an object"))
+                    continue
+                for j, peer in enumerate(rule.get(peers_key) or []):
+                    causes.extend(cls._peer_causes(f"{where}.{peers_key}[{j}]", peer))
+        if causes:
+            raise invalid("NetworkPolicy", "networking.k8s.io", name, causes)
+
+    @classmethod
+    def _peer_causes(cls, where: str, peer: Any) -> list[dict[str, str]]:
+        if not isinstance(peer, dict) or not any(
+            peer.get(key) is not None for key in ("podSelector", "namespaceSelector", "ipBlock")
+        ):
+            return [_cause(where, "Required value: must specify a peer", "FieldValueRequired")]
+        causes: list[dict[str, str]] = []
+        for key in ("podSelector", "namespaceSelector"):
+            if peer.get(key) is not None:
+                causes.extend(cls._selector_causes(f"{where}.{key}", peer[key]))
+        return causes
+
+    @staticmethod
+    def _selector_causes(where: str, selector: Any) -> list[dict[str, str]]:
+        if not isinstance(selector, dict):
+            return [_cause(where, "Invalid value: must be an object")]
+        labels = selector.get("matchLabels") or {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            return [_cause(f"{where}.matchLabels", "Invalid value: must be a map of strings")]
+        return []
 
 
 class Core:

@@ -8,6 +8,8 @@ import structlog
 from flask import Flask, Response, g, request
 
 from services.api.admin import admin as admin_blueprint
+from services.api.admin_failed import admin_failed
+from services.api.admin_regions import admin_regions
 from services.api.context import RUNTIME_KEY
 from services.api.errors import register_error_handlers
 from services.api.views import blueprint
@@ -42,4 +44,6 @@ def create_app(runtime: Runtime) -> Flask:
 
     app.register_blueprint(blueprint)
     app.register_blueprint(admin_blueprint)
+    app.register_blueprint(admin_regions)
+    app.register_blueprint(admin_failed)
     return app

@@ -10,13 +10,29 @@ from marshmallow import RAISE, Schema, fields, validate
 from shared.domain.sessions import Session
 
 
+class LocationBody(Schema):
+    """Where the learner is, in degrees: the nearest region with room is chosen."""
+
+    class Meta:
+        unknown = RAISE
+
+    lat = fields.Float(required=True, validate=validate.Range(min=-90, max=90))
+    lon = fields.Float(required=True, validate=validate.Range(min=-180, max=180))
+
+
 class CreateSessionRequest(Schema):
     class Meta:
         unknown = RAISE
 
     template = fields.String(required=True, validate=validate.Length(min=1, max=63))
     user = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    # Where: at most one of an explicit region, a location and a country (ISO 3166 alpha-2).
     region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
+    location = fields.Nested(LocationBody, load_default=None)
+    country = fields.String(
+        load_default=None,
+        validate=validate.Regexp(r"^[A-Za-z]{2}$", error="expected a two-letter country code"),
+    )
     # Close the user's live sessions and open a new one, instead of a reconnect or a 409.
     replace = fields.Boolean(load_default=False)
 

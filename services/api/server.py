@@ -9,7 +9,7 @@ from gunicorn.app.base import BaseApplication
 
 from services.api.app import create_app
 from shared.config import Settings
-from shared.runtime import build_runtime
+from shared.runtime import build_runtime, check_startup
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -27,7 +27,9 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
 
 
 def serve(settings: Settings) -> None:
-    app = create_app(build_runtime(settings))
+    runtime = build_runtime(settings)
+    check_startup(settings, runtime.celery, runtime.templates)
+    app = create_app(runtime)
     _Gunicorn(
         app,
         {

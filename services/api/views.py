@@ -13,6 +13,14 @@ from services.api.schemas import CreateSessionRequest, TokenBody, session_body, 
 from shared.adapters.tickets import issue_ticket
 from shared.domain.lifecycle import ExtensionRefused, clocks_for
 from shared.domain.reasons import CloseReason
+from shared.domain.regions import (
+    InvalidHint,
+    Location,
+    NoRegion,
+    RegionHint,
+    UnknownCountry,
+    UnknownRegion,
+)
 from shared.domain.sessions import InvalidUser, NotLive, Session, check_user
 from shared.runtime import clock_overrides
 from shared.session_life import NotQueued, SessionLimitReached, SessionNotFound, UserBusy
@@ -79,14 +87,7 @@ def create_session() -> tuple[Response, int, dict[str, str]]:
             f"no template named {data['template']!r}",
             details={"templates": sorted(rt.templates)},
         )
-    region = data["region"] or rt.settings.default_region
-    if region not in rt.settings.regions:
-        raise ApiError(
-            422,
-            "unknown_region",
-            f"no cluster serves region {region!r}",
-            details={"regions": list(rt.settings.regions)},
-        )
+    hint = _region_hint(data)
     try:
         user = check_user(data["user"])
     except InvalidUser as exc:
@@ -95,10 +96,19 @@ def create_session() -> tuple[Response, int, dict[str, str]]:
         opened = rt.life.open(
             user=user,
             template=template.name,
-            region=region,
+            hint=hint,
             clocks=clocks_for(template, clock_overrides(rt.settings)),
             replace=data["replace"],
         )
+    except UnknownRegion as exc:
+        raise ApiError(
+            422,
+            "unknown_region",
+            f"no cluster serves region {exc.region!r}",
+            details={"regions": list(rt.settings.regions)},
+        ) from exc
+    except NoRegion as exc:
+        raise _no_region_error(exc) from exc
     except UserBusy as exc:
         raise ApiError(
             503,
@@ -116,11 +126,53 @@ def create_session() -> tuple[Response, int, dict[str, str]]:
             headers={"Retry-After": "2"},
         ) from exc
     location = {"Location": f"/v1/sessions/{opened.session.id}"}
+    where = {"region_reason": opened.region_reason}
     if opened.reconnected:
         # A reconnect (a page reload): the session as it is, without a token, which only the
         # first answer carried (labvirt keeps its hash, not the token).
-        return jsonify({**session_body(opened.session), "reconnected": True}), 200, location
-    return jsonify(session_body(opened.session, token=opened.token)), 201, location
+        answer = {**session_body(opened.session), **where, "reconnected": True}
+        return jsonify(answer), 200, location
+    return jsonify({**session_body(opened.session, token=opened.token), **where}), 201, location
+
+
+def _region_hint(data: dict[str, Any]) -> RegionHint:
+    """At most one of ``region``, ``location`` and ``country``; 422 for two or an unknown
+    country (the choice itself is ``SessionLife.open``'s)."""
+    given = [key for key in ("region", "location", "country") if data[key] is not None]
+    if len(given) > 1:
+        raise ApiError(
+            422,
+            "conflicting_region_hints",
+            f"give at most one of region, location and country, not {' and '.join(given)}",
+            details={"given": given},
+        )
+    try:
+        location = data["location"]
+        return RegionHint(
+            region=data["region"],
+            location=None if location is None else Location(location["lat"], location["lon"]),
+            country=data["country"],
+        )
+    except UnknownCountry as exc:
+        raise ApiError(
+            422,
+            "unknown_country",
+            f"{exc.code!r} is not a country code labvirt knows (ISO 3166 alpha-2)",
+            details={"country": exc.code},
+        ) from exc
+    except InvalidHint as exc:
+        raise ApiError(422, "invalid_region_hint", str(exc)) from exc
+
+
+def _no_region_error(exc: NoRegion) -> ApiError:
+    """503: the explicit region cannot take the session (full, down, drained), or none can."""
+    details = {
+        "region": exc.region,
+        "regions": [{"region": name, "why": why.value} for name, why in exc.passed],
+    }
+    headers = {} if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    code = f"region_{exc.why.value}" if exc.region is not None else "no_region_available"
+    return ApiError(503, code, exc.message, details=details, headers=headers)
 
 
 def _limit_error(exc: SessionLimitReached, template: str) -> ApiError:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from services.gateway.access import admit, error, load_session
 from services.gateway.consoles import ConsoleHub, console_endpoint
-from services.gateway.events import EventHub, stream_events
+from services.gateway.events import EventHub, last_event_id, stream_events
 from services.gateway.presence import Presence
 from services.gateway.proxy import ApiProxy
 from services.gateway.terminals import Terminals, ended_reason
@@ -90,6 +90,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def session_events(request: web.Request) -> web.StreamResponse:
     gateway = request.app[STATE]
+    after = last_event_id(request)  # a refused request never counts as a connection
     session = await admit(
         request, client=gateway.redis, settings=gateway.settings, ticket_only=False
     )
@@ -99,6 +100,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
             client=gateway.redis,
             hub=gateway.events,
             session_id=session.id,
+            after=after,
             live=session.is_live,
             keepalive=gateway.settings.events_keepalive_seconds,
             stopping=gateway.stopping,

@@ -24,6 +24,7 @@ import redis.asyncio
 import structlog
 from aiohttp import web
 
+from services.gateway.access import error
 from shared.adapters.session_events import NOTIFY_CHANNEL, START, events_key, is_event_id
 from shared.domain.lifecycle import TERMINAL_STAGES, ProgressEvent
 
@@ -51,9 +52,7 @@ class EventHub:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_for_sure(self._task)
 
     def subscribe(self, session_id: str) -> asyncio.Event:
         event = asyncio.Event()
@@ -105,6 +104,15 @@ async def read_events(
     return events
 
 
+def last_event_id(request: web.Request) -> str:
+    """Where a reconnecting stream resumes (``Last-Event-ID``), or the start; 400 if it is no
+    id this gateway sent."""
+    after = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or START
+    if not is_event_id(after):
+        raise error(400, "invalid_last_event_id", "Last-Event-ID is not an id this API sent")
+    return after
+
+
 def format_event(event_id: str, event: ProgressEvent) -> bytes:
     data = {"stage": event.stage.value, "at": event.at, **event.detail}
     return f"id: {event_id}\nevent: {event.stage.value}\ndata: {json.dumps(data)}\n\n".encode()
@@ -116,24 +124,12 @@ async def stream_events(
     client: redis.asyncio.Redis,
     hub: EventHub,
     session_id: str,
+    after: str,
     live: bool,
     keepalive: float,
     stopping: asyncio.Event,
 ) -> web.StreamResponse:
     """Serve one event stream until a terminal stage, the client leaving, or shutdown."""
-    after = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or START
-    if not is_event_id(after):
-        raise web.HTTPBadRequest(
-            text=json.dumps(
-                {
-                    "error": {
-                        "code": "invalid_last_event_id",
-                        "message": "Last-Event-ID is not an id this API sent",
-                    }
-                }
-            ),
-            content_type="application/json",
-        )
     wake = hub.subscribe(session_id)
     try:
         batch = await read_events(client, session_id, after)
@@ -206,3 +202,18 @@ async def _woken(wake: asyncio.Event, stopping: asyncio.Event, timeout: float) -
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def cancel_for_sure(task: asyncio.Task[None], *, limit: float = 5.0) -> None:
+    """Cancel ``task`` and wait for it, cancelling again if a library swallowed the first
+    request (redis-py's subscribe can on Python 3.11); give up waiting after ``limit``."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not task.done():
+        task.cancel()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            log.warning("task.would_not_stop", task=task.get_name())
+            return
+        await asyncio.wait({task}, timeout=min(0.5, remaining))
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()

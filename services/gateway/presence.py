@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 
 import structlog
 
+from services.gateway.events import cancel_for_sure
 from shared.adapters.connections import LEASE_SECONDS, Connections
 
 log = structlog.get_logger(__name__)
@@ -33,9 +34,7 @@ class Presence:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_for_sure(self._task)
 
     def open_of(self, kind: str) -> int:
         """How many connections of ``kind`` (``events``, ``terminal``) this process holds."""

@@ -51,7 +51,10 @@ def add_ui_routes(app: web.Application, settings: Settings) -> None:
             raise web.HTTPNotFound(text=f"{relative} is not installed: run `make install`")
         return web.FileResponse(path)
 
-    app.router.add_get("/ui", lambda _r: web.HTTPFound("/ui/"))  # type: ignore[arg-type,return-value]
+    async def to_index(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/ui/")
+
+    app.router.add_get("/ui", to_index)
     app.router.add_get("/ui/", index)
     app.router.add_static("/ui/static/", PAGE_DIR, show_index=False)
     app.router.add_get("/ui/vendor/{name}", vendor)

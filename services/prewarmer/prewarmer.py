@@ -11,7 +11,7 @@ simulated clock.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -37,6 +37,8 @@ UNBOUND_CLAIM_GRACE_SECONDS: Final = 120.0
 Enqueue = Callable[[str, Mapping[str, str]], None]
 # Whether a claimed environment's session still exists and holds it.
 ClaimIsLive = Callable[[WarmEnvironment], bool]
+# The regions an operator drained: their pools create nothing (what they hold finishes).
+DrainedRegions = Callable[[], Collection[str]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +72,7 @@ class Prewarmer:
         enqueue: Enqueue,
         clock: Callable[[], float] = time.time,
         claim_is_live: ClaimIsLive | None = None,
+        drained_regions: DrainedRegions | None = None,
     ) -> None:
         self._store = store
         self._templates = templates
@@ -78,11 +81,13 @@ class Prewarmer:
         self._enqueue = enqueue
         self._clock = clock
         self._claim_is_live = claim_is_live
+        self._drained_regions = drained_regions
 
     def tick(self) -> list[PoolTick]:
-        """Reconcile every pool of every region once."""
+        """Reconcile every pool of every region once; a drained region's pools as if paused."""
         now = self._clock()
         paused = self._store.globally_paused()
+        drained = set(self._drained_regions()) if self._drained_regions is not None else set()
         outcomes = []
         for region in self._regions:
             keys = [PoolKey(region, name) for name in sorted(self._templates)]
@@ -93,7 +98,12 @@ class Prewarmer:
                 for booting in self._store.snapshot(key).booting
             )
             outcomes += [
-                self.reconcile(key, now=now, paused=paused, capacity_blocked=capacity_blocked)
+                self.reconcile(
+                    key,
+                    now=now,
+                    paused=paused or region in drained,
+                    capacity_blocked=capacity_blocked,
+                )
                 for key in keys
             ]
         return outcomes

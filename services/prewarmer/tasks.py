@@ -43,6 +43,7 @@ def build_prewarmer(runtime: Runtime) -> Prewarmer | None:
         enqueue=runtime.queue.enqueue,
         clock=runtime.clock,
         claim_is_live=claim_is_live,
+        drained_regions=lambda: runtime.regions.state.drained_regions(settings.regions),
     )
 
 

@@ -12,7 +12,6 @@ redelivered task or a second worker does no harm.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,10 +19,14 @@ import structlog
 
 from shared.adapters.kube import KubeCluster
 from shared.domain.lifecycle import Stage
-from shared.domain.manifests import build_environment, environment_selector
+from shared.domain.manifests import (
+    EnvironmentManifests,
+    build_environment,
+    environment_selector,
+)
 from shared.domain.reasons import Failure
 from shared.domain.recovery import session_annotations
-from shared.domain.sessions import Session, SessionState
+from shared.domain.sessions import SessionState
 from shared.domain.templates import Template
 from shared.session_life import SessionLife
 
@@ -38,13 +41,18 @@ class Outcome:
     detail: str
 
 
-def environment_token(session: Session) -> str:
-    """A per-environment secret for cloud-init (kubeadm's bootstrap token format).
+def create_environment(cluster: KubeCluster, manifests: EnvironmentManifests) -> None:
+    """Create an environment's objects; those already there count as created.
 
-    Derived, not stored, so a retried provision renders the same manifests.
+    The NetworkPolicy first, then the Service, then the VMIs: booting VMs find their peers
+    reachable and resolvable (the namespace's fence denies VM-to-VM traffic without it).
     """
-    digest = hashlib.sha256(f"{session.token_hash}:{session.environment_id}".encode()).hexdigest()
-    return f"{digest[:6]}.{digest[6:22]}"
+    if manifests.network_policy is not None:
+        cluster.create_network_policy(manifests.network_policy)
+    if manifests.service is not None:
+        cluster.create_service(manifests.service)
+    for vmi in manifests.vmis:
+        cluster.create_vmi(vmi)
 
 
 def delete_environment(cluster: KubeCluster, environment_id: str) -> int:
@@ -54,6 +62,8 @@ def delete_environment(cluster: KubeCluster, environment_id: str) -> int:
     moment: the informer sees them go.
     """
     selector = environment_selector(environment_id)
+    # The VMIs last: they are what a retried teardown and the reconciler's sweep find.
+    cluster.delete_network_policies(selector)
     cluster.delete_services(selector)
     cluster.delete_vmis(selector)
     remaining, _ = cluster.list_vmis(selector)
@@ -89,15 +99,13 @@ class Provisioner:
             environment_id=session.environment_id,
             namespace=cluster.namespace,
             session_id=session.id,
-            environment_token=environment_token(session),
+            # Chosen at open and stored with the session: a retry renders the same manifests.
+            environment_token=session.environment_token,
             # What the reconciler needs to rebuild the session should Redis lose it.
             extra_annotations=session_annotations(session),
         )
         self._life.emit(session.id, Stage.CREATING, {"vms": len(manifests.vmis)})
-        if manifests.service is not None:
-            cluster.create_service(manifests.service)
-        for vmi in manifests.vmis:
-            cluster.create_vmi(vmi)
+        create_environment(cluster, manifests)
         log.info("environment.created", vms=len(manifests.vmis), region=session.region)
         current = self._life.get(session_id)
         if current is None or current.state is not SessionState.PROVISIONING:

@@ -23,7 +23,7 @@ from typing import Final
 
 import structlog
 
-from services.provisioner.environments import delete_environment
+from services.provisioner.environments import create_environment, delete_environment
 from shared.adapters.informer import EnvironmentChange
 from shared.adapters.kube import Conflict, KubeCluster, NotFound
 from shared.adapters.pool_store import PoolStore
@@ -114,10 +114,7 @@ class PoolEnvironments:
             extra_labels={POOL_LABEL: template.name},
             created_at=datetime.fromtimestamp(env.created_at, UTC),
         )
-        if manifests.service is not None:
-            cluster.create_service(manifests.service)
-        for vmi in manifests.vmis:
-            cluster.create_vmi(vmi)
+        create_environment(cluster, manifests)
         log.info("pool.environment_created", vms=len(manifests.vmis))
         return PoolWork("created")
 

@@ -48,12 +48,9 @@ def check_environment(task: Task, payload: dict[str, str]) -> dict[str, Any]:
 
 @labvirt_task(RETIRE_ENVIRONMENT)
 def retire_environment(task: Task, payload: dict[str, str]) -> dict[str, Any]:
-    try:
-        work = pool_environments_of(task.app).remove(payload["environment_id"], payload["region"])
-    except KubeError as exc:
-        # Labelled as labvirt's and owned by nobody: the reconciler deletes it after its grace.
-        log.warning("pool.retire_gave_up", error=str(exc))
-        return {"detail": f"gave up: {exc}"}
+    # On a cluster error the objects stay, labelled as labvirt's and owned by nobody: the
+    # reconciler deletes them after its grace time.
+    work = pool_environments_of(task.app).remove(payload["environment_id"], payload["region"])
     return {"detail": work.detail}
 
 
@@ -64,6 +61,6 @@ def bind_environment(task: Task, payload: dict[str, str]) -> dict[str, Any]:
     try:
         work = environments.bind(session_id)
     except (KubeError, BindConflict) as exc:
-        log.warning("pool.bind_gave_up", error=str(exc))
-        work = environments.fail_bind(session_id, exc)
+        environments.fail_bind(session_id, exc)
+        raise
     return {"detail": work.detail}

@@ -4,14 +4,14 @@ Provision creates an environment and returns (the informer sees it boot); teardo
 and returns. Both are safe to repeat, so a worker that dies mid-task leaves the message for
 another (``acks_late``), which picks up where the cluster and Redis stand. Cluster calls share
 the task's retry budget; a task whose budget runs out fails its session (provision) or leaves
-the next try to the reaper's teardown deadline (teardown), never retrying on top.
+the next try to the reaper's teardown deadline (teardown), never retrying on top, and then
+fails: the task wrapper records it in the dead letters for an operator to requeue.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import structlog
 from celery import Task
 
 from services.provisioner.environments import Outcome, Provisioner
@@ -19,8 +19,6 @@ from services.provisioner.wiring import provisioner_of
 from shared.adapters.kube import KubeError
 from shared.domain.reasons import Failure
 from shared.jobs import PROVISION, TEARDOWN, labvirt_task
-
-log = structlog.get_logger(__name__)
 
 
 @labvirt_task(PROVISION)
@@ -30,20 +28,17 @@ def provision(task: Task, payload: dict[str, str]) -> dict[str, Any]:
     try:
         outcome = provisioner.provision(session_id)
     except KubeError as exc:
-        log.warning("provision.gave_up", error=str(exc), transient=exc.transient)
-        outcome = provisioner.fail(session_id, Failure.cluster_error(str(exc)))
+        # The learner is told at once; the failure itself goes to the dead letters.
+        provisioner.fail(session_id, Failure.cluster_error(str(exc)))
+        raise
     return _result(outcome)
 
 
 @labvirt_task(TEARDOWN)
 def teardown(task: Task, payload: dict[str, str]) -> dict[str, Any]:
-    try:
-        outcome = provisioner_of(task.app).teardown(payload["session_id"])
-    except KubeError as exc:
-        # The session stays terminating; the reaper asks for another teardown later.
-        log.warning("teardown.gave_up", error=str(exc), transient=exc.transient)
-        return {"state": None, "detail": f"gave up: {exc}"}
-    return _result(outcome)
+    # On a cluster error the session stays terminating: the reaper asks for another teardown
+    # later, and the failure is in the dead letters meanwhile.
+    return _result(provisioner_of(task.app).teardown(payload["session_id"]))
 
 
 def _result(outcome: Outcome) -> dict[str, Any]:

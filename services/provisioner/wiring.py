@@ -2,8 +2,10 @@
 
 ``wire`` is called by the worker's wiring function (``labvirt.celery_process``) before the
 worker takes tasks: it builds the provisioner and the pool environments once, and starts one
-informer per region, which reports every change of labvirt's VMIs to one observer. Tasks find
-the services with ``provisioner_of``/``pool_environments_of``.
+informer per region, which reports every change of labvirt's VMIs to one observer, and the
+region heartbeat that marks in Redis the regions whose informer is healthy (a region none marks
+is down: new sessions go elsewhere). Tasks find the services with
+``provisioner_of``/``pool_environments_of``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from services.provisioner.environments import Provisioner
 from services.provisioner.observer import EnvironmentObserver
 from services.provisioner.pool_environments import PoolEnvironments
 from shared.adapters.informer import VmiInformer
+from shared.adapters.region_state import RedisRegionState, RegionHeartbeat
 from shared.runtime import Runtime, runtime_of
 
 
@@ -65,4 +68,10 @@ def wire(runtime: Runtime, *, follow_sessions: bool, follow_pools: bool) -> list
     ]
     for informer in informers:
         informer.start()
+    # Ends by itself once every informer is stopped (the worker's shutdown stops them).
+    RegionHeartbeat(
+        RedisRegionState(runtime.redis),
+        informers,
+        interval=runtime.settings.region_heartbeat_seconds,
+    ).start()
     return informers

@@ -295,6 +295,8 @@ class Reconciler:
             return
         if environment.environment_id:
             selector = environment_selector(environment.environment_id)
+            # The VMIs last: while they remain, the next pass finds the environment again.
+            run.cluster.delete_network_policies(selector)
             run.cluster.delete_services(selector)
             run.cluster.delete_vmis(selector)
         else:

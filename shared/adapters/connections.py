@@ -26,7 +26,6 @@ DISCONNECTED_KEY: Final = f"{PREFIX}:disconnected"
 
 _OPEN: Final = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3] .. ' ' .. ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[3])
 return redis.call('HLEN', KEYS[1])
@@ -44,10 +43,15 @@ return 0
 """
 
 # A session due for closing is taken out of the set by exactly one caller, and only if no
-# connection came back meanwhile.
+# connection came back meanwhile and its last disconnect is still older than the cutoff (it
+# may have come back and left again since it was listed: then its new grace runs).
 _TAKE_DUE: Final = """
 if redis.call('HLEN', KEYS[1]) > 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+local since = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if not since or tonumber(since) > tonumber(ARGV[2]) then
   return 0
 end
 return redis.call('ZREM', KEYS[2], ARGV[1])
@@ -69,7 +73,7 @@ class Connections:
     async def open(self, session_id: str, connection_id: str, *, now: float) -> None:
         await self._open(
             keys=[_conns_key(session_id), LEASES_KEY, DISCONNECTED_KEY],
-            args=[connection_id, repr(now + LEASE_SECONDS), session_id, int(LEASE_SECONDS * 4)],
+            args=[connection_id, repr(now + LEASE_SECONDS), session_id],
         )
 
     async def renew(self, session_id: str, connection_ids: list[str], *, now: float) -> None:
@@ -78,7 +82,6 @@ class Connections:
         expiry = now + LEASE_SECONDS
         pipe = self._redis.pipeline(transaction=False)
         pipe.hset(_conns_key(session_id), mapping=dict.fromkeys(connection_ids, repr(expiry)))
-        pipe.expire(_conns_key(session_id), int(LEASE_SECONDS * 4))
         pipe.zadd(LEASES_KEY, {f"{session_id} {c}": expiry for c in connection_ids})
         await pipe.execute()
 
@@ -125,7 +128,10 @@ class ConnectionSweeper:
         taken = []
         for raw in due:
             session_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-            if self._take_due(keys=[_conns_key(session_id), DISCONNECTED_KEY], args=[session_id]):
+            cutoff = repr(now - grace)
+            if self._take_due(
+                keys=[_conns_key(session_id), DISCONNECTED_KEY], args=[session_id, cutoff]
+            ):
                 taken.append(session_id)
         return taken
 

@@ -12,6 +12,10 @@ failed, gone); the informer only keeps the cache true.
   missed event is made good by the list that follows.
 - Failures back off with capped, jittered exponential delays (``shared.adapters.retrying``)
   that start over once a watch delivers.
+- ``healthy`` (synced, and the last list or watch succeeded) is what the worker's region
+  heartbeat reports (``shared.adapters.region_state``). After a failure the next watch is a
+  short probe (``PROBE_SECONDS``), so a region that recovered is known healthy within seconds
+  even when nothing changes in it; a long watch follows.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ log = structlog.get_logger(__name__)
 
 # How long one watch request lasts before the server ends it and the informer resumes.
 WATCH_SECONDS: Final = 240
+# The first watch after a failure: short, so that its normal end soon confirms the API is back.
+PROBE_SECONDS: Final = 5
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ class VmiInformer:
         self._resource_version: str | None = None  # None: list before watching
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # True from a failed list or watch until one succeeds (a list, an event, a normal end).
+        self._failing = True
         self.synced = threading.Event()
         self.stats = InformerStats()
 
@@ -140,6 +148,7 @@ class VmiInformer:
                 failures = 0
             except Exception as exc:  # noqa: BLE001 - a follower never dies; it backs off
                 failures += 1
+                self._failing = True
                 self.stats.errors += 1
                 delay = self._backoff.delay(
                     failures, self._rng, retry_after=getattr(exc, "retry_after", None)
@@ -179,6 +188,7 @@ class VmiInformer:
         for vmi in items:
             self._cache.put(vmi)
         self._resource_version = version
+        self._failing = False
         self.synced.set()
         for environment_id in sorted(before | set(self._cache.by_environment)):
             labels = self._cache.labels.get(environment_id) or old_labels.get(environment_id, {})
@@ -187,9 +197,11 @@ class VmiInformer:
     def _watch(self) -> None:
         self.stats.watches += 1
         version = self._resource_version or ""
+        seconds = min(PROBE_SECONDS, self._watch_seconds) if self._failing else self._watch_seconds
         for event_type, obj in self._cluster.watch_vmis(
-            self._selector, version, timeout_seconds=self._watch_seconds
+            self._selector, version, timeout_seconds=seconds
         ):
+            self._failing = False  # the server answered
             if self._stopping.is_set():
                 return
             self._resource_version = (obj.get("metadata") or {}).get(
@@ -207,6 +219,16 @@ class VmiInformer:
                 labels = vmi_labels(obj)
             if environment_id:
                 self._tell(environment_id, labels)
+        self._failing = False  # the server ended the stream: it is there
+
+    @property
+    def healthy(self) -> bool:
+        """Synced, and the last list or watch succeeded: the region's API answers."""
+        return self.synced.is_set() and not self._failing and not self._stopping.is_set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopping.is_set()
 
     def _tell(self, environment_id: str, labels: Mapping[str, str]) -> None:
         vmis = self._cache.environment(environment_id)

@@ -1,4 +1,4 @@
-"""The Kubernetes adapter: KubeVirt VMIs and Services through the official client.
+"""The Kubernetes adapter: KubeVirt VMIs, Services and NetworkPolicies through the official client.
 
 Statuses become typed exceptions; transient failures (429 with Retry-After, 5xx, broken
 connections) are retried by labvirt's one retry layer (``shared.adapters.retrying``), within the
@@ -144,7 +144,7 @@ def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient
 
 
 class KubeCluster:
-    """One cluster's VMIs and Services in labvirt's namespace."""
+    """One cluster's VMIs, Services and NetworkPolicies in labvirt's namespace."""
 
     def __init__(
         self,
@@ -160,6 +160,7 @@ class KubeCluster:
         # Typed as Any: custom objects travel as dicts, which the client's stubs do not admit.
         self._custom: Any = client.CustomObjectsApi(self._api_client)
         self._core: Any = client.CoreV1Api(self._api_client)
+        self._networking: Any = client.NetworkingV1Api(self._api_client)
         self._timeout = request_timeout
         self._retry = retry or Retry()
 
@@ -320,40 +321,67 @@ class KubeCluster:
         )
         return result
 
-    # -- Services ---------------------------------------------------------------------------
+    # -- Services and NetworkPolicies ---------------------------------------------------------
 
     def create_service(self, body: dict[str, Any]) -> None:
+        self._create(self._core.create_namespaced_service, body, what="service")
+
+    def delete_services(self, selector: str) -> None:
+        self._delete_matching(
+            self._core.list_namespaced_service,
+            self._core.delete_namespaced_service,
+            selector,
+            what="service",
+        )
+
+    def create_network_policy(self, body: dict[str, Any]) -> None:
+        self._create(self._networking.create_namespaced_network_policy, body, what="networkpolicy")
+
+    def delete_network_policies(self, selector: str) -> None:
+        self._delete_matching(
+            self._networking.list_namespaced_network_policy,
+            self._networking.delete_namespaced_network_policy,
+            selector,
+            what="networkpolicy",
+        )
+
+    def _create(self, create: Callable[..., Any], body: dict[str, Any], *, what: str) -> None:
+        """Create in labvirt's namespace; one already there (same name) is success."""
         name = body["metadata"]["name"]
         try:
             self._retried(
-                lambda: self._core.create_namespaced_service(
-                    self.namespace, body, _request_timeout=self._timeout
-                ),
-                what=f"create service {name}",
+                lambda: create(self.namespace, body, _request_timeout=self._timeout),
+                what=f"create {what} {name}",
             )
         except AlreadyExists:
             return
 
-    def delete_services(self, selector: str) -> None:
-        services = self._retried(
-            lambda: self._core.list_namespaced_service(
+    def _delete_matching(
+        self,
+        list_matching: Callable[..., Any],
+        delete: Callable[..., Any],
+        selector: str,
+        *,
+        what: str,
+    ) -> None:
+        """Delete each object ``selector`` lists, one by one (the workers' Role grants list
+        and delete, not deletecollection); one gone meanwhile is success."""
+        listed = self._retried(
+            lambda: list_matching(
                 self.namespace, label_selector=selector, _request_timeout=self._timeout
             ),
-            what="list services",
+            what=f"list {what}",
         )
-        for service in services.items:
-            name = service.metadata.name
+        for item in listed.items:
+            name = item.metadata.name
             try:
                 self._retried(
-                    # The answer is the Service or a Status depending on the server's version;
+                    # The answer is the object or a Status depending on the server's version;
                     # labvirt needs neither, so it is not decoded.
-                    lambda n=name: self._core.delete_namespaced_service(  # type: ignore[misc]
-                        n,
-                        self.namespace,
-                        _request_timeout=self._timeout,
-                        _preload_content=False,
+                    lambda n=name: delete(  # type: ignore[misc]
+                        n, self.namespace, _request_timeout=self._timeout, _preload_content=False
                     ).release_conn(),
-                    what=f"delete service {name}",
+                    what=f"delete {what} {name}",
                 )
             except NotFound:
                 continue

@@ -159,6 +159,16 @@ class RedisPoolStore:
             target=None if "target" not in health else int(health["target"]),
         )
 
+    def held_counts(self, keys: Sequence[PoolKey]) -> dict[PoolKey, tuple[int, int]]:
+        """(ready, booting) environments of each pool, in one round trip: the pools' share of
+        their region's load. Claimed ones are their sessions' and counted with them."""
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcard(self._pool(key, "ready"))
+            pipe.zcard(self._pool(key, "inflight"))
+        counts = [int(n) for n in pipe.execute()]
+        return {key: (counts[2 * i], counts[2 * i + 1]) for i, key in enumerate(keys)}
+
     def set_target(self, key: PoolKey, target: int) -> None:
         self._redis.hset(self._pool(key, "health"), "target", str(target))
 

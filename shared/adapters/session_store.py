@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis
@@ -62,8 +63,27 @@ def _region_key(region: str) -> str:
     return f"{PREFIX}:live:{region}"
 
 
+def _region_template_key(region: str, template: str) -> str:
+    """The live sessions of one template in one region: what a region's load is counted from."""
+    return f"{PREFIX}:live-template:{region}:{template}"
+
+
 def _user_lock_key(user: str) -> str:
     return f"{PREFIX}:user-lock:{user}"
+
+
+@dataclass(frozen=True)
+class LiveCount:
+    """Sessions not yet final in one region: all of them, and those indexed by template."""
+
+    total: int
+    by_template: Mapping[str, int]
+
+    @property
+    def unindexed(self) -> int:
+        """Sessions of no template asked about (stored before the per-template index, or of
+        a template no longer configured)."""
+        return max(0, self.total - sum(self.by_template.values()))
 
 
 class RedisSessionStore:
@@ -190,6 +210,43 @@ class RedisSessionStore:
             self._redis.srem(_region_key(region), *missing)
         return found
 
+    def live_sessions(self) -> list[Session]:
+        """Every live session of every region (operators' listings, not hot paths)."""
+        ids: set[str] = set()
+        for key in self._redis.scan_iter(match=_region_key("*"), count=1000):
+            ids.update(_text(i) for i in cast(set[Any], self._redis.smembers(key)))
+        return [s for s in self.get_many(sorted(ids)).values() if s.is_live]
+
+    def finished_sessions(self, *, limit: int) -> list[Session]:
+        """Up to ``limit`` sessions still kept after their end (scanned, for operators)."""
+        found: list[Session] = []
+        batch: list[str] = []
+        for key in self._redis.scan_iter(match=session_key("*"), count=1000):
+            batch.append(_text(key).rsplit(":", 1)[-1])
+            if len(batch) >= 500:
+                found += [s for s in self.get_many(batch).values() if s.is_final]
+                batch = []
+            if len(found) >= limit:
+                break
+        if batch:
+            found += [s for s in self.get_many(batch).values() if s.is_final]
+        return found[:limit]
+
+    def live_counts(self, regions: Sequence[str], templates: Sequence[str]) -> dict[str, LiveCount]:
+        """How many sessions not yet final each region holds, in all and per template (one
+        round trip; the counts come from the indexes the session's own transactions keep)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for region in regions:
+            pipe.scard(_region_key(region))
+            for template in templates:
+                pipe.scard(_region_template_key(region, template))
+        counts = iter(int(n) for n in pipe.execute())
+        found: dict[str, LiveCount] = {}
+        for region in regions:
+            total = next(counts)
+            found[region] = LiveCount(total, {t: next(counts) for t in templates})
+        return found
+
     def due(self, kind: str, now: float, limit: int) -> list[SessionId]:
         """Sessions whose ``kind`` deadline has passed, oldest first, at most ``limit``."""
         ids = self._redis.zrangebyscore(_deadline_key(kind), "-inf", now, start=0, num=limit)
@@ -247,10 +304,12 @@ class RedisSessionStore:
         if session.is_final:
             pipe.srem(_user_key(session.user), session.id)
             pipe.srem(_region_key(session.region), session.id)
+            pipe.srem(_region_template_key(session.region, session.template), session.id)
             pipe.expire(session_key(session.id), FINISHED_RETENTION_SECONDS)
             return
         pipe.sadd(_user_key(session.user), session.id)
         pipe.sadd(_region_key(session.region), session.id)
+        pipe.sadd(_region_template_key(session.region, session.template), session.id)
 
 
 def _log_transition(before: Session | None, after: Session) -> None:
@@ -283,6 +342,7 @@ __all__ = [
     "DEADLINE_KINDS",
     "FINISHED_RETENTION_SECONDS",
     "DeadlineKind",
+    "LiveCount",
     "RedisSessionStore",
     "SessionNotFound",
     "UserBusy",

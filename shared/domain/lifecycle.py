@@ -261,20 +261,22 @@ def admit(
     existing: Iterable[Session],
     *,
     template: str,
-    region: str,
+    region: str | None,
     max_sessions: int,
     replace_existing: bool,
 ) -> Admission:
     """What a create request for ``template`` means, given the user's sessions.
 
     Only live sessions count (a terminating one is already on its way out). The same template
-    in the same region is a reconnect (a page reload); ``replace_existing`` closes every live
-    session of the user and opens a fresh one; otherwise a user at the limit is refused.
+    in the same region is a reconnect (a page reload); ``region`` None (the request let labvirt
+    choose the region) reconnects to the template's session in any region. ``replace_existing``
+    closes every live session of the user and opens a fresh one; otherwise a user at the limit
+    is refused.
     """
     live = sorted((s for s in existing if s.is_live), key=lambda s: (s.created_at, s.id))
     if replace_existing:
         return Admission(Decision.OPEN, to_close=tuple(live))
-    same = [s for s in live if s.template == template and s.region == region]
+    same = [s for s in live if s.template == template and (region is None or s.region == region)]
     if same:
         return Admission(Decision.RECONNECT, session=same[-1])
     if len(live) >= max_sessions:

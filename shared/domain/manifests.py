@@ -14,15 +14,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from shared.domain.kube_names import (
+    is_dns1123_subdomain,
+    require_dns1123_label,
+    require_label_key,
+    require_label_value,
+)
+from shared.domain.network_manifests import build_peer_network_policy
 from shared.domain.templates import (
-    ENVIRONMENT_DOMAIN_PLACEHOLDER,
-    ENVIRONMENT_TOKEN_PLACEHOLDER,
     MAX_VM_NAME_LENGTH,
-    USER_DATA_PLACEHOLDER_PATTERN,
     Template,
     VmSpec,
     is_dns1123_label,
 )
+from shared.domain.user_data import render_user_data
 
 Manifest = dict[str, Any]
 
@@ -62,23 +67,16 @@ CLOUD_INIT_DISK: Final = "cloudinitdisk"
 POD_NETWORK: Final = "default"
 
 _ENVIRONMENT_ID: Final = re.compile(rf"[a-z0-9]{{1,{MAX_ENVIRONMENT_ID_LENGTH}}}")
-# The token lands in YAML and in shell commands: no quoting, spaces or leading dash possible.
-_ENVIRONMENT_TOKEN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# Kubernetes also allows an empty label value; labvirt never means "nothing" by one.
-_LABEL_VALUE: Final = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_DNS1123_SUBDOMAIN: Final = re.compile(
-    r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-)
-_LABEL_MAX_LENGTH: Final = 63
-_LABEL_PREFIX_MAX_LENGTH: Final = 253
 
 
 @dataclass(frozen=True, kw_only=True)
 class EnvironmentManifests:
-    """Everything to create for one environment; the Service only when VMs must find each other."""
+    """Everything to create for one environment. The Service and the NetworkPolicy only when
+    VMs must find and reach each other (multi-VM templates); create the policy first."""
 
     vmis: tuple[Manifest, ...]
     service: Manifest | None
+    network_policy: Manifest | None
 
 
 def is_valid_environment_id(environment_id: str) -> bool:
@@ -108,8 +106,8 @@ def environment_domain(
     environment_id: str, namespace: str, *, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
 ) -> str:
     """The DNS domain under which ``<hostname>.<domain>`` reaches a VM of a multi-VM environment."""
-    _require_dns1123_label(namespace, what="namespace")
-    if _DNS1123_SUBDOMAIN.fullmatch(cluster_domain) is None:
+    require_dns1123_label(namespace, what="namespace")
+    if not is_dns1123_subdomain(cluster_domain):
         raise ValueError(f"cluster domain must be a DNS name, got {cluster_domain!r}")
     return f"{environment_subdomain(environment_id)}.{namespace}.svc.{cluster_domain}"
 
@@ -163,11 +161,16 @@ def build_vmi(
         if template.is_multi_vm
         else None
     )
-    _require_dns1123_label(namespace, what="namespace")
+    require_dns1123_label(namespace, what="namespace")
     spec: Manifest = {
         "domain": {
             "cpu": {"cores": vm.cpu_cores},
-            "resources": {"requests": {"memory": vm.memory}},
+            # Requests equal to limits: the VM gets what its template sizes, never more, so
+            # one learner's load cannot starve the other VMs on its node.
+            "resources": {
+                "requests": {"cpu": str(vm.cpu_cores), "memory": vm.memory},
+                "limits": {"cpu": str(vm.cpu_cores), "memory": vm.memory},
+            },
             "devices": {
                 "disks": [
                     {"name": CONTAINER_DISK, "disk": {"bus": "virtio"}},
@@ -224,23 +227,15 @@ def build_headless_service(
     With ``spec.hostname`` and ``spec.subdomain`` set on the VMIs,
     ``<hostname>.<subdomain>.<namespace>.svc.<cluster domain>`` resolves to the VM.
     """
-    _require_dns1123_label(namespace, what="namespace")
-    _require_label_value(template_name, what="template name")
-    metadata: Manifest = {
-        "name": environment_subdomain(environment_id),
-        "namespace": namespace,
-        "labels": {
-            MANAGED_BY_LABEL: MANAGED_BY_VALUE,
-            ENVIRONMENT_LABEL: environment_id,
-            TEMPLATE_LABEL: template_name,
-        },
-    }
-    if created_at is not None:
-        metadata["annotations"] = {CREATED_AT_ANNOTATION: format_timestamp(created_at)}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": metadata,
+        "metadata": _environment_object_metadata(
+            environment_id=environment_id,
+            namespace=namespace,
+            template_name=template_name,
+            created_at=created_at,
+        ),
         "spec": {
             "clusterIP": "None",
             "selector": {ENVIRONMENT_LABEL: environment_id},
@@ -249,6 +244,29 @@ def build_headless_service(
             "ports": [{"name": "ssh", "port": SSH_PORT, "targetPort": SSH_PORT, "protocol": "TCP"}],
         },
     }
+
+
+def build_network_policy(
+    *,
+    environment_id: str,
+    namespace: str,
+    template_name: str,
+    created_at: datetime | None = None,
+) -> Manifest:
+    """The NetworkPolicy through which an environment's VMs, and only they, reach each other.
+
+    Named and labelled like the environment's headless Service, so the environment's selector
+    finds (and deletes) both; it selects the environment's VMs by labvirt's labels.
+    """
+    return build_peer_network_policy(
+        metadata=_environment_object_metadata(
+            environment_id=environment_id,
+            namespace=namespace,
+            template_name=template_name,
+            created_at=created_at,
+        ),
+        members={MANAGED_BY_LABEL: MANAGED_BY_VALUE, ENVIRONMENT_LABEL: environment_id},
+    )
 
 
 def build_environment(
@@ -263,7 +281,8 @@ def build_environment(
     cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
     extra_annotations: Mapping[str, str] | None = None,
 ) -> EnvironmentManifests:
-    """All objects of one environment: a VMI per VM, plus the Service for multi-VM templates."""
+    """All objects of one environment: a VMI per VM, plus the Service and the NetworkPolicy for
+    multi-VM templates (a single VM has no peer to find or reach)."""
     vmis = tuple(
         build_vmi(
             template=template,
@@ -279,54 +298,55 @@ def build_environment(
         )
         for vm in template.vms
     )
-    service = None
-    if template.is_multi_vm:
-        service = build_headless_service(
-            environment_id=environment_id,
-            namespace=namespace,
-            template_name=template.name,
-            created_at=created_at,
-        )
-    return EnvironmentManifests(vmis=vmis, service=service)
-
-
-def render_user_data(
-    user_data: str, *, environment_token: str, environment_domain: str | None
-) -> str:
-    """Cloud-init user data with the per-environment placeholders filled in.
-
-    ``environment_domain`` is None for single-VM environments, which have no subdomain.
-    """
-    if _ENVIRONMENT_TOKEN.fullmatch(environment_token) is None:
-        msg = "environment token must be 1-128 characters of [A-Za-z0-9._-], starting alphanumeric"
-        raise ValueError(msg)
-    values = {ENVIRONMENT_TOKEN_PLACEHOLDER: environment_token}
-    if environment_domain is not None:
-        values[ENVIRONMENT_DOMAIN_PLACEHOLDER] = environment_domain
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match[1]
-        if name not in values:
-            raise ValueError(f"user data placeholder {match[0]!r} has no value here")
-        return values[name]
-
-    return USER_DATA_PLACEHOLDER_PATTERN.sub(substitute, user_data)
+    if not template.is_multi_vm:
+        return EnvironmentManifests(vmis=vmis, service=None, network_policy=None)
+    shared: dict[str, Any] = {
+        "environment_id": environment_id,
+        "namespace": namespace,
+        "template_name": template.name,
+        "created_at": created_at,
+    }
+    return EnvironmentManifests(
+        vmis=vmis,
+        service=build_headless_service(**shared),
+        network_policy=build_network_policy(**shared),
+    )
 
 
 def _environment_labels(
     *, template: Template, environment_id: str, session_id: str | None
 ) -> dict[str, str]:
     _require_environment_id(environment_id)
-    _require_label_value(template.name, what="template name")
+    require_label_value(template.name, what="template name")
     labels = {
         MANAGED_BY_LABEL: MANAGED_BY_VALUE,
         ENVIRONMENT_LABEL: environment_id,
         TEMPLATE_LABEL: template.name,
     }
     if session_id is not None:
-        _require_label_value(session_id, what="session id")
+        require_label_value(session_id, what="session id")
         labels[SESSION_LABEL] = session_id
     return labels
+
+
+def _environment_object_metadata(
+    *, environment_id: str, namespace: str, template_name: str, created_at: datetime | None
+) -> Manifest:
+    """The metadata of an environment's per-environment objects (its Service, its policy)."""
+    require_dns1123_label(namespace, what="namespace")
+    require_label_value(template_name, what="template name")
+    metadata: Manifest = {
+        "name": environment_subdomain(environment_id),
+        "namespace": namespace,
+        "labels": {
+            MANAGED_BY_LABEL: MANAGED_BY_VALUE,
+            ENVIRONMENT_LABEL: environment_id,
+            TEMPLATE_LABEL: template_name,
+        },
+    }
+    if created_at is not None:
+        metadata["annotations"] = {CREATED_AT_ANNOTATION: format_timestamp(created_at)}
+    return metadata
 
 
 def _environment_annotations(
@@ -336,7 +356,7 @@ def _environment_annotations(
     for key, value in (extra or {}).items():
         if key == VM_COUNT_ANNOTATION or (key == CREATED_AT_ANNOTATION and created_at is not None):
             raise ValueError(f"extra annotation {key!r} would override one labvirt sets")
-        _require_label_key(key)  # annotation keys follow the label key syntax
+        require_label_key(key)  # annotation keys follow the label key syntax
         if not isinstance(value, str):
             raise ValueError(f"annotation {key!r} must be a string, got {value!r}")
         annotations[key] = value
@@ -352,8 +372,8 @@ def _merge_extra_labels(
     for key, value in (extra_labels or {}).items():
         if key in LABVIRT_LABELS:
             raise ValueError(f"extra label {key!r} would override a label labvirt owns")
-        _require_label_key(key)
-        _require_label_value(value, what=f"value of label {key!r}")
+        require_label_key(key)
+        require_label_value(value, what=f"value of label {key!r}")
     return {**labels, **(extra_labels or {})}
 
 
@@ -364,23 +384,3 @@ def _require_environment_id(environment_id: str) -> None:
             f"got {environment_id!r}"
         )
         raise ValueError(msg)
-
-
-def _require_dns1123_label(value: str, *, what: str) -> None:
-    if not is_dns1123_label(value):
-        raise ValueError(f"{what} must be a DNS-1123 label, got {value!r}")
-
-
-def _require_label_value(value: str, *, what: str) -> None:
-    if len(value) > _LABEL_MAX_LENGTH or _LABEL_VALUE.fullmatch(value) is None:
-        raise ValueError(f"{what} is not a valid Kubernetes label value: {value!r}")
-
-
-def _require_label_key(key: str) -> None:
-    prefix, _, name = key.rpartition("/")
-    valid_prefix = not prefix or (
-        len(prefix) <= _LABEL_PREFIX_MAX_LENGTH and _DNS1123_SUBDOMAIN.fullmatch(prefix) is not None
-    )
-    valid_name = len(name) <= _LABEL_MAX_LENGTH and _LABEL_VALUE.fullmatch(name) is not None
-    if not (valid_prefix and valid_name):
-        raise ValueError(f"{key!r} is not a valid Kubernetes label key")

@@ -96,7 +96,9 @@ def restore_session(
 
     None when a label or annotation is missing or malformed (an object written by an older
     labvirt, or edited by hand), and when the session's lifetime is already over: such an
-    environment belongs to nobody and the reconciler removes it.
+    environment belongs to nobody and the reconciler removes it. The environment token is
+    written nowhere on the cluster but in the VMs' user data: the rebuilt session gets a new
+    one, which only VMs created after the rebuild carry.
     """
     try:
         session_id = labels[SESSION_LABEL]

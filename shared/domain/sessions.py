@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, NewType
 
 from shared.domain.reasons import CloseReason, Failure
+from shared.domain.user_data import legacy_environment_token, new_environment_token
 
 SessionId = NewType("SessionId", str)
 EnvironmentId = NewType("EnvironmentId", str)
@@ -144,6 +145,10 @@ class Session:
     teardown_requested_at: float | None = None
     # The CloseReason or FailureKind value that ended the session (None while it is live).
     ended_by: str | None = None
+    # The environment's cloud-init secret (kubeadm's bootstrap token for the kubernetes
+    # template), chosen at open so a retried provision renders the same manifests. Kept out of
+    # repr (logs), API bodies and the cluster's labels and annotations.
+    environment_token: str = field(default_factory=new_environment_token, repr=False)
 
     @property
     def idle_expires_at(self) -> float:
@@ -258,6 +263,7 @@ class Session:
             "warned_for": self.warned_for,
             "teardown_requested_at": self.teardown_requested_at,
             "ended_by": self.ended_by,
+            "environment_token": self.environment_token,
         }
 
     @classmethod
@@ -284,6 +290,11 @@ class Session:
             warned_for=_optional_float(data.get("warned_for")),
             teardown_requested_at=_optional_float(data.get("teardown_requested_at")),
             ended_by=data.get("ended_by"),
+            # Recorded before labvirt stored a token: the one it derived then.
+            environment_token=str(
+                data.get("environment_token")
+                or legacy_environment_token(str(data["token_hash"]), str(data["environment_id"]))
+            ),
         )
 
 
@@ -356,5 +367,6 @@ def open_session(
         startup_expires_at=(
             None if startup_timeout_seconds is None else now + startup_timeout_seconds
         ),
+        environment_token=new_environment_token(),
     )
     return session, token

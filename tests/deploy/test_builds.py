@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
+from shared.domain.manifests import build_network_policy
 from tests.deploy.kustomize import (
     COMPONENTS,
     DEPLOY,
     ENV_POLICY_EXAMPLE,
+    ENVIRONMENTS_NAMESPACE,
     KUSTOMIZATIONS,
     Manifest,
     build_overlay,
@@ -103,6 +106,17 @@ def test_every_object_is_valid_for_kubernetes(built, version):
 def test_environment_policy_example_is_valid_for_kubernetes(version):
     example = yaml.safe_load(ENV_POLICY_EXAMPLE.read_text())
     kubernetes_validate.validate(example, version, strict=True)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_built_environment_policy_is_valid_for_kubernetes(version):
+    policy = build_network_policy(
+        environment_id="0f8fad5bd9cb469fa16570867728950e",
+        namespace=ENVIRONMENTS_NAMESPACE,
+        template_name="kubernetes",
+        created_at=datetime(2026, 3, 1, tzinfo=UTC),
+    )
+    kubernetes_validate.validate(policy, version, strict=True)
 
 
 def test_only_the_emulation_overlay_configures_kubevirt(builds):

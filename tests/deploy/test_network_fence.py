@@ -2,10 +2,11 @@
 
 A model cluster holds labvirt's pods as the manifests define them, learners' VMs labelled by
 labvirt's own manifest builders (their virt-launcher pods copy the VMI's labels), the
-per-environment policy of deploy/examples instantiated for each multi-VM environment (what
-the provisioner creates), kube-dns, an ingress controller, and a few outside addresses. The
-evaluator in netpol.py answers each connection; every property is checked under both readings
-the API allows of whether an ipBlock also matches pod addresses.
+per-environment policy the same builders make for each multi-VM environment (what the
+provisioner creates; deploy/examples holds one, checked equal to the builder's), kube-dns, an
+ingress controller, and a few outside addresses. The evaluator in netpol.py answers each
+connection; every property is checked under both readings the API allows of whether an ipBlock
+also matches pod addresses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ import pytest
 import yaml
 
 from shared.adapters.template_files import load_templates
-from shared.domain.manifests import build_environment, build_headless_service
+from shared.domain.manifests import (
+    build_environment,
+    build_headless_service,
+    build_network_policy,
+    parse_timestamp,
+)
 from tests.deploy.kustomize import (
     COMPONENTS,
     ENV_POLICY_EXAMPLE,
@@ -64,11 +70,10 @@ class Model:
 
 
 def environment_policy(environment_id: str, template: str) -> Manifest:
-    """The example policy for another environment: what the provisioner's builder makes."""
-    text = ENV_POLICY_EXAMPLE.read_text().replace(EXAMPLE_ENVIRONMENT, environment_id)
-    policy = yaml.safe_load(text)
-    policy["metadata"]["labels"]["labvirt.io/template"] = template
-    return policy
+    """What the provisioner creates for a multi-VM environment (the example is one of them)."""
+    return build_network_policy(
+        environment_id=environment_id, namespace=ENVIRONMENTS_NAMESPACE, template_name=template
+    )
 
 
 def vm_pods(environment_id, template, *, session, ips) -> list[Pod]:
@@ -368,3 +373,28 @@ def test_example_policy_is_named_and_labelled_like_the_environments_service():
     assert example["spec"]["ingress"] == [{"from": [{"podSelector": selector}]}]
     assert example["spec"]["egress"] == [{"to": [{"podSelector": selector}]}]
     assert example["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_example_policy_is_what_the_provisioner_builds():
+    """The doc's example and the builder cannot drift apart: same environment, same object."""
+    example = yaml.safe_load(ENV_POLICY_EXAMPLE.read_text())
+    created_at = parse_timestamp(example["metadata"]["annotations"]["labvirt.io/created-at"])
+
+    built = build_network_policy(
+        environment_id=EXAMPLE_ENVIRONMENT,
+        namespace=ENVIRONMENTS_NAMESPACE,
+        template_name=EXAMPLE_TEMPLATE,
+        created_at=created_at,
+    )
+
+    assert built == example
+    # And a kubernetes environment's build carries exactly that policy.
+    manifests = build_environment(
+        template=load_templates(None)[EXAMPLE_TEMPLATE],
+        environment_id=EXAMPLE_ENVIRONMENT,
+        namespace=ENVIRONMENTS_NAMESPACE,
+        session_id=None,
+        environment_token=TOKEN,
+        created_at=created_at,
+    )
+    assert manifests.network_policy == example

@@ -46,7 +46,7 @@ WORKER_RULES = [
     {
         "apiGroups": ["networking.k8s.io"],
         "resources": ["networkpolicies"],
-        "verbs": ["create", "get", "list", "delete"],
+        "verbs": ["create", "list", "delete"],
     },
 ]
 CONSOLE_RULES = [

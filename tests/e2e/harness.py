@@ -101,6 +101,14 @@ class Simulator:
                 .items
             )
 
+    def network_policies(self, selector: str = "app.kubernetes.io/managed-by=labvirt") -> list[Any]:
+        with self.api() as api:
+            return list(
+                client.NetworkingV1Api(api)
+                .list_namespaced_network_policy(NAMESPACE, label_selector=selector)
+                .items
+            )
+
 
 def start_simulator(
     tmp: Path, *, boot_seconds: float = 1.0, extra: list[str] | None = None
@@ -207,14 +215,19 @@ def start_system(
     *,
     extra_env: dict[str, str] | None = None,
     sim_args: list[str] | None = None,
+    sim: Simulator | None = None,
 ) -> System:
     """Simulator, then `labvirt api`, `gateway`, `worker` and `beat`, each on its own.
 
     The gateway is the one origin the tests talk to (``base_url``), as a browser does behind
     an ingress: it serves event streams and terminals and hands the API's paths to the API
     (``api_url``, which tests may also call directly).
+
+    ``sim``: a simulator the caller started (several regions: ``extra_env`` then names them
+    all, e.g. with ``LABVIRT_CLUSTERS_FILE``); it becomes ``System.sim``.
     """
-    sim = start_simulator(tmp, extra=sim_args)
+    if sim is None:
+        sim = start_simulator(tmp, extra=sim_args)
     port = free_port()
     gateway_port = free_port()
     env = dict(os.environ)

@@ -21,6 +21,8 @@ from tests.e2e.harness import System, start_system, wait_until
 pytestmark = pytest.mark.e2e
 
 SESSIONS = int(os.environ.get("LABVIRT_CHAOS_SESSIONS", "12"))
+# Room for every session's VM at once: a VM asks for 2 of a node's 16 cores, so 8 fit a node.
+NODES = str(max(10, SESSIONS // 7 + 1))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def chaotic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
                 "--seed",
                 "3",
                 "--nodes",
-                "10",
+                NODES,
             ],
         )
         try:
@@ -94,7 +96,7 @@ def _calls_per_session(tmp: Path, *, error_rate: float, sessions: int) -> tuple[
         system = start_system(
             url,
             tmp,
-            sim_args=["--error-rate", str(error_rate), "--seed", "5", "--nodes", "10"],
+            sim_args=["--error-rate", str(error_rate), "--seed", "5", "--nodes", NODES],
         )
         try:
             before = requests.get(f"{system.sim.url}/_sim/stats", timeout=5).json()

@@ -30,8 +30,9 @@ ENVIRONMENT = "labvirt.io/environment"
 LOAD = os.environ.get("LABVIRT_POOL_LOAD", "50:10")
 LOAD_CREATES, LOAD_POOL = (int(part) for part in LOAD.split(":"))
 # Fast boots (the readiness probe's delays scale with the simulator's time), and nodes enough
-# for every session of the load test plus the pool refilling behind them (~29 VMs a node).
-SIM_ARGS = ["--time-scale", "0.2", "--nodes", str(max(10, (LOAD_CREATES + 2 * LOAD_POOL) // 20))]
+# for every session of the load test plus the pool refilling behind them (8 VMs a node: each
+# asks for 2 of a node's 16 cores).
+SIM_ARGS = ["--time-scale", "0.2", "--nodes", str(max(10, (LOAD_CREATES + 2 * LOAD_POOL) // 7 + 1))]
 PREWARM_ENV = {
     "LABVIRT_PREWARM_INTERVAL_SECONDS": "1",
     "LABVIRT_PREWARM_BATCH": "10",

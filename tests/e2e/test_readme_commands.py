@@ -74,7 +74,13 @@ def _code_blocks(text: str) -> list[list[str]]:
     return blocks
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+ALL_COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+# Services run until stopped; `labvirt ops` lines are an operator's one-shot commands.
+COMMANDS = [argv for argv in ALL_COMMANDS if argv[1] != "ops"]
+OPS_COMMANDS = [argv for argv in ALL_COMMANDS if argv[1] == "ops"]
+# The failed task the README's examples name: its id is derived from the task and payload.
+README_FAILURE = ("labvirt.provision", {"session_id": "s-5f1c0e3b9a7d2c4e6f8a0b1c"})
+ADMIN_TOKEN = "readme-admin-token-0123456789"
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -102,6 +108,16 @@ def _get(url: str) -> requests.Response | None:
 
 def _api(argv: list[str], env: dict[str, str], request: pytest.FixtureRequest) -> Readiness:
     url = f"http://{env['LABVIRT_API_HOST']}:{env['LABVIRT_API_PORT']}/healthz"
+
+    def healthy(_: Proc) -> bool:
+        response = _get(url)
+        return response is not None and response.status_code == 200
+
+    return healthy
+
+
+def _gateway(argv: list[str], env: dict[str, str], request: pytest.FixtureRequest) -> Readiness:
+    url = f"http://{env['LABVIRT_GATEWAY_HOST']}:{env['LABVIRT_GATEWAY_PORT']}/healthz"
 
     def healthy(_: Proc) -> bool:
         response = _get(url)
@@ -154,6 +170,7 @@ def _sim(argv: list[str], env: dict[str, str], request: pytest.FixtureRequest) -
 
 READINESS: dict[str, Callable[[list[str], dict[str, str], pytest.FixtureRequest], Readiness]] = {
     "api": _api,
+    "gateway": _gateway,
     "worker": _worker,
     "beat": _beat,
     "sim": _sim,
@@ -180,6 +197,9 @@ def environment(own_redis_url: str, simulator: Simulator) -> dict[str, str]:
             "LABVIRT_KUBECONFIG": str(simulator.kubeconfig),
             "LABVIRT_API_HOST": "127.0.0.1",
             "LABVIRT_API_PORT": str(free_port()),
+            "LABVIRT_GATEWAY_HOST": "127.0.0.1",
+            "LABVIRT_GATEWAY_PORT": str(free_port()),
+            "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
             "LABVIRT_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
         }
@@ -217,6 +237,50 @@ def test_readme_command_starts_works_and_stops(
         assert proc.process.wait(timeout=20) == 0, proc.tail()
     finally:
         proc.stop()
+
+
+def test_the_readme_shows_an_operators_commands() -> None:
+    assert {argv[2] for argv in OPS_COMMANDS} >= {"failed", "sessions", "pools", "drain"}
+
+
+def test_readme_ops_commands_work_as_written(
+    environment: dict[str, str], own_redis_url: str, tmp_path: Path
+) -> None:
+    """Every `labvirt ops` line, in the README's order, against a running `labvirt api`."""
+    import redis  # noqa: PLC0415
+
+    from shared.adapters.dead_letters import DeadLetters  # noqa: PLC0415
+
+    client = redis.Redis.from_url(own_redis_url)
+    task, payload = README_FAILURE
+    DeadLetters(client).record(
+        task=task,
+        payload=payload,
+        task_id=None,
+        error=RuntimeError("VM lv-readme-ubuntu reached phase Failed"),
+        traceback="",
+    )
+    client.close()
+    api = start("api", [str(LABVIRT), "api"], environment, tmp_path)
+    try:
+        wait_until(
+            lambda: _api(["labvirt", "api"], environment, None)(api),  # type: ignore[arg-type]
+            timeout=STARTUP_TIMEOUT,
+            what="the API",
+        )
+        for argv in OPS_COMMANDS:
+            result = subprocess.run(
+                [str(LABVIRT), *argv[1:]],
+                env=environment,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert result.returncode == 0, (shlex.join(argv), result.stderr, api.tail())
+            assert result.stdout.strip(), shlex.join(argv)
+    finally:
+        api.stop()
 
 
 @pytest.mark.parametrize(

@@ -91,14 +91,27 @@ def test_kubernetes_session_has_two_named_vms_on_one_subdomain(system: System) -
     [service] = system.sim.services(selector)
     assert service.metadata.name == subdomains.pop()
     assert service.spec.cluster_ip == "None"
+    [policy] = system.sim.network_policies(selector)
+    assert policy.metadata.name == service.metadata.name
+    assert policy.spec.policy_types == ["Ingress", "Egress"]
     for vmi in vmis:
         labels = vmi["metadata"]["labels"]
         assert all(labels.get(k) == v for k, v in service.spec.selector.items())
+        # The fence lets the environment's VMs, and only they, reach each other.
+        for members in (
+            policy.spec.pod_selector,
+            policy.spec.ingress[0]._from[0].pod_selector,
+            policy.spec.egress[0].to[0].pod_selector,
+        ):
+            assert members.match_labels.items() <= labels.items()
+    assert "environment_token" not in created
+    assert "environment_token" not in ready
 
     assert system.call("DELETE", f"/v1/sessions/{created['id']}").status_code == 202
     assert system.wait_state(created["id"], "ended", "failed")["state"] == "ended"
     assert system.sim.vmis(selector) == []
     assert system.sim.services(selector) == []
+    assert system.sim.network_policies(selector) == []
     for vmi in vmis:
         _assert_valid(vmi)
 

@@ -213,6 +213,96 @@ def test_dynamic_client_discovers_and_lists(sim, api):
         assert created.spec.clusterIP == "None"
 
 
+def peer_policy(name, environment):
+    """A per-environment policy as labvirt makes them (docs/DEPLOY.md)."""
+    members = {"app.kubernetes.io/managed-by": "labvirt", "labvirt.io/environment": environment}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": dict(members)},
+        "spec": {
+            "podSelector": {"matchLabels": members},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": members}}]}],
+            "egress": [{"to": [{"podSelector": {"matchLabels": members}}]}],
+        },
+    }
+
+
+def test_network_policies_with_the_typed_client(sim):
+    with sim.api_client() as api_client:
+        groups = {g.name: g for g in client.ApisApi(api_client).get_api_versions().groups}
+        assert groups["networking.k8s.io"].preferred_version.version == "v1"
+        networking = client.NetworkingV1Api(api_client)
+        resources = {r.name: r for r in networking.get_api_resources().resources}
+        policies = resources["networkpolicies"]
+        assert (policies.kind, policies.namespaced) == ("NetworkPolicy", True)
+        assert {"create", "get", "list", "delete", "deletecollection"} <= set(policies.verbs)
+
+        created = networking.create_namespaced_network_policy(
+            "default", peer_policy("lv-np1", "np1")
+        )
+        assert created.metadata.uid
+        assert created.spec.pod_selector.match_labels["labvirt.io/environment"] == "np1"
+        assert created.spec.policy_types == ["Ingress", "Egress"]
+        assert created.spec.ingress[0]._from[0].pod_selector.match_labels == (
+            created.spec.pod_selector.match_labels
+        )
+        with pytest.raises(ApiException) as caught:
+            networking.create_namespaced_network_policy("default", peer_policy("lv-np1", "np1"))
+        assert caught.value.status == 409
+        assert json.loads(caught.value.body)["reason"] == "AlreadyExists"
+        networking.create_namespaced_network_policy("default", peer_policy("lv-np2", "np2"))
+        fetched = networking.read_namespaced_network_policy("lv-np2", "default")
+        assert fetched.metadata.name == "lv-np2"
+
+        listed = networking.list_namespaced_network_policy(
+            "default",
+            label_selector="app.kubernetes.io/managed-by=labvirt,labvirt.io/environment=np1",
+        )
+        assert [p.metadata.name for p in listed.items] == ["lv-np1"]
+        networking.delete_namespaced_network_policy("lv-np1", "default")
+        with pytest.raises(ApiException) as caught:
+            networking.read_namespaced_network_policy("lv-np1", "default")
+        assert caught.value.status == 404
+        networking.delete_collection_namespaced_network_policy(
+            "default", label_selector="app.kubernetes.io/managed-by=labvirt"
+        )
+        assert networking.list_namespaced_network_policy("default").items == []
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda spec: spec["ingress"][0]["from"].append({}), "spec.ingress[0].from[1]"),
+        (lambda spec: spec.update(policyTypes=["Sideways"]), "spec.policyTypes[0]"),
+        (lambda spec: spec["egress"][0]["to"].insert(0, {}), "spec.egress[0].to[0]"),
+    ],
+)
+def test_malformed_network_policies_are_invalid(sim, change, field):
+    body = peer_policy("lv-bad", "bad")
+    change(body["spec"])
+    with sim.api_client() as api_client, pytest.raises(ApiException) as caught:
+        client.NetworkingV1Api(api_client).create_namespaced_network_policy("default", body)
+    assert caught.value.status == 422
+    status = json.loads(caught.value.body)
+    assert status["reason"] == "Invalid"
+    assert [cause["field"] for cause in status["details"]["causes"]] == [field]
+
+
+def test_an_omitted_pod_selector_selects_every_pod(sim):
+    # As the API server decodes it: the empty selector, not an error.
+    body = {"metadata": {"name": "everyone"}, "spec": {"policyTypes": ["Ingress"]}}
+    with sim.api_client() as api_client:
+        networking = client.NetworkingV1Api(api_client)
+        created = networking.create_namespaced_network_policy("default", body)
+        assert created.spec.pod_selector.to_dict() == {
+            "match_expressions": None,
+            "match_labels": None,
+        }
+        networking.delete_namespaced_network_policy("everyone", "default")
+
+
 def test_only_well_formed_answers_under_20_percent_errors(sim):
     # urllib3 on its own retries 429 and 503 that carry Retry-After (up to 3 times, waiting
     # a second each): switch that off to see every injected error, and to stay fast.

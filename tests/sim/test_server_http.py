@@ -509,6 +509,22 @@ def test_network_policies_are_defaulted(api):
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
 
+def test_network_policy_selectors_must_be_label_maps(api):
+    status, _, body = api.call(
+        "POST",
+        "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies",
+        {"metadata": {"name": "numbers"}, "spec": {"podSelector": {"matchLabels": {"a": 1}}}},
+    )
+    assert status == 422
+    assert body["details"]["causes"] == [
+        {
+            "type": "FieldValueInvalid",
+            "message": "Invalid value: must be a map of strings",
+            "field": "spec.podSelector.matchLabels",
+        }
+    ]
+
+
 def test_namespaces(api):
     _, _, namespaces = api.call("GET", "/api/v1/namespaces")
     names = {n["metadata"]["name"] for n in namespaces["items"]}

@@ -298,6 +298,7 @@ def test_create_answers_201_with_the_session_and_its_token(api: Api) -> None:
         "vms": [],
         "history": [{"state": "provisioning", "at": iso(NOW), "reason": None}],
         "token": body["token"],
+        "region_reason": "default region",
     }
     assert api.celery.sent == [SentTask(PROVISION, {"session_id": body["id"]}, PROVISION_QUEUE)]
     stored = api.stored(body["id"])

@@ -191,3 +191,26 @@ def test_a_handler_that_fails_does_not_stop_the_informer(
         assert informer.stats.handler_errors >= 1
     finally:
         informer.stop()
+
+
+def test_healthy_while_the_cluster_answers_lists_and_watches(
+    sim: SimHandle, cluster: KubeCluster
+) -> None:
+    """What the worker's region heartbeat reports: synced and the last list or watch went well."""
+    informer = VmiInformer(
+        cluster, Recorder(), watch_seconds=1, backoff=Backoff(base=0.01, cap=0.05)
+    )
+    assert not informer.healthy  # not synced yet
+    informer.start()
+    try:
+        assert informer.synced.wait(10)
+        assert informer.healthy
+        sim.set_faults(error_rate=1.0)  # the next watch (a second from now) fails
+        wait_until(lambda: not informer.healthy, timeout=10)
+        sim.set_faults(error_rate=0)
+        # Back without a list: the short probe watch that follows a failure ends normally.
+        wait_until(lambda: informer.healthy, timeout=10)
+    finally:
+        informer.stop()
+    assert informer.stopped
+    assert not informer.healthy

@@ -27,6 +27,7 @@ from shared.domain.manifests import (
     EnvironmentManifests,
     build_environment,
     build_headless_service,
+    build_network_policy,
     build_vmi,
     environment_domain,
     environment_selector,
@@ -35,10 +36,10 @@ from shared.domain.manifests import (
     format_timestamp,
     is_valid_environment_id,
     parse_timestamp,
-    render_user_data,
 )
 from shared.domain.template_parsing import parse_templates
 from shared.domain.templates import MAX_VM_NAME_LENGTH, Template, VmSpec
+from shared.domain.user_data import render_user_data
 from tests.conftest import STRICT_VMI_SCHEMA, require_kubevirt_reference
 
 TOKEN = "abcdef.0123456789abcdef"
@@ -118,7 +119,10 @@ def test_single_vm_vmi() -> None:
         "spec": {
             "domain": {
                 "cpu": {"cores": 2},
-                "resources": {"requests": {"memory": "2Gi"}},
+                "resources": {
+                    "requests": {"cpu": "2", "memory": "2Gi"},
+                    "limits": {"cpu": "2", "memory": "2Gi"},
+                },
                 "devices": {
                     "disks": [
                         {"name": "containerdisk", "disk": {"bus": "virtio"}},
@@ -184,7 +188,10 @@ def test_multi_vm_vmi_gets_subdomain_and_domain_placeholder() -> None:
         "spec": {
             "domain": {
                 "cpu": {"cores": 1},
-                "resources": {"requests": {"memory": "1Gi"}},
+                "resources": {
+                    "requests": {"cpu": "1", "memory": "1Gi"},
+                    "limits": {"cpu": "1", "memory": "1Gi"},
+                },
                 "devices": {
                     "disks": [
                         {"name": "containerdisk", "disk": {"bus": "virtio"}},
@@ -254,11 +261,12 @@ def test_single_vm_environment_has_no_service() -> None:
     )
 
     assert manifests.service is None
+    assert manifests.network_policy is None  # no peer to reach
     assert [vmi["metadata"]["name"] for vmi in manifests.vmis] == ["lv-e1-box"]
     assert "subdomain" not in manifests.vmis[0]["spec"]
 
 
-def test_multi_vm_environment_is_the_vmis_plus_their_service() -> None:
+def test_multi_vm_environment_is_the_vmis_plus_their_service_and_policy() -> None:
     created_at = datetime(2026, 3, 1, tzinfo=UTC)
     arguments: dict[str, Any] = {
         "environment_id": "e2",
@@ -276,6 +284,9 @@ def test_multi_vm_environment_is_the_vmis_plus_their_service() -> None:
             build_vmi(template=PAIR, vm=WORKER, **arguments),
         ),
         service=build_headless_service(
+            environment_id="e2", namespace="labs", template_name="pair", created_at=created_at
+        ),
+        network_policy=build_network_policy(
             environment_id="e2", namespace="labs", template_name="pair", created_at=created_at
         ),
     )
@@ -511,7 +522,11 @@ def test_shipped_vmis_are_ephemeral_and_well_named() -> None:
             assert {disk["name"] for disk in spec["domain"]["devices"]["disks"]} == {
                 volume["name"] for volume in spec["volumes"]
             }
-            assert spec["domain"]["resources"]["requests"]["memory"]
+            resources = spec["domain"]["resources"]
+            assert resources["requests"]["memory"]
+            # Sized by the template and fenced: limits equal to requests, CPU as many cores.
+            assert resources["limits"] == resources["requests"]
+            assert resources["requests"]["cpu"] == str(spec["domain"]["cpu"]["cores"])
             assert spec["networks"] == [{"name": "default", "pod": {}}]
             assert spec["domain"]["devices"]["interfaces"] == [
                 {"name": "default", "masquerade": {}}
@@ -560,6 +575,7 @@ def test_ubuntu_template_is_a_single_vm_without_service() -> None:
     manifests = dict(shipped_environments_by_name())["ubuntu"]
 
     assert manifests.service is None
+    assert manifests.network_policy is None
     (vmi,) = manifests.vmis
     assert vmi["spec"]["hostname"] == "ubuntu"
     assert "subdomain" not in vmi["spec"]

@@ -21,6 +21,7 @@ from typing import Any
 import fakeredis
 import pytest
 import redis
+from kubernetes import client
 
 from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
 from services.provisioner.observer import EnvironmentObserver
@@ -82,6 +83,7 @@ def empty_cluster(cluster: KubeCluster) -> Iterator[None]:
     yield
     cluster.delete_vmis(MANAGED_BY_SELECTOR)
     cluster.delete_services(MANAGED_BY_SELECTOR)
+    cluster.delete_network_policies(MANAGED_BY_SELECTOR)
     wait_until(lambda: not cluster.list_vmis(MANAGED_BY_SELECTOR)[0], timeout=10)
 
 
@@ -156,6 +158,14 @@ def reserved(pools: RedisPoolStore, key: PoolKey) -> str:
     return env.id
 
 
+def network_policies(sim: SimHandle, selector: str) -> list[str]:
+    with sim.api_client() as api_client:
+        listed = client.NetworkingV1Api(api_client).list_namespaced_network_policy(
+            NAMESPACE, label_selector=selector
+        )
+    return [policy.metadata.name for policy in listed.items]
+
+
 def state_of(pools: RedisPoolStore, env_id: str) -> EnvironmentState | None:
     env = pools.environment(env_id)
     return None if env is None else env.state
@@ -172,7 +182,7 @@ def booted(world: World, cluster: KubeCluster, key: PoolKey) -> str:
 
 
 def test_a_pooled_environment_boots_with_its_records_token(
-    world: World, cluster: KubeCluster
+    world: World, cluster: KubeCluster, sim: SimHandle
 ) -> None:
     pools = world.pools
     env_id = booted(world, cluster, KUBERNETES)
@@ -194,6 +204,8 @@ def test_a_pooled_environment_boots_with_its_records_token(
         )
         assert f"--token {env.token}" in user_data
     assert cluster.count_services(environment_selector(env_id)) == 1
+    # Its VMs reach each other through the environment's policy; a claim keeps it valid.
+    assert network_policies(sim, environment_selector(env_id)) == [f"lv-{env_id}"]
     snapshot = pools.snapshot(KUBERNETES)
     assert snapshot.refill_seconds is not None
     assert snapshot.health.failures == 0
@@ -333,7 +345,7 @@ def test_a_claimed_environment_that_vanished_fails_its_session(
 
 
 def test_removing_a_retired_environment_deletes_its_objects(
-    world: World, cluster: KubeCluster
+    world: World, cluster: KubeCluster, sim: SimHandle
 ) -> None:
     env_id = booted(world, cluster, KUBERNETES)
     warm = world.environments(cluster)
@@ -343,5 +355,6 @@ def test_removing_a_retired_environment_deletes_its_objects(
     first = warm.remove(env_id, "local")
     assert re.fullmatch(r"removed|deleting [12] VMI\(s\)", first.detail), first.detail
     assert cluster.count_services(selector) == 0
+    assert network_policies(sim, selector) == []
     wait_until(lambda: not cluster.list_vmis(selector)[0], timeout=10)
     assert warm.remove(env_id, "local").detail == "removed"

@@ -172,6 +172,41 @@ def test_pauses_stop_creation(store: PoolStore) -> None:
     assert len(queue.take(PREWARM_ENVIRONMENT)) == 3
 
 
+def test_a_drained_region_creates_nothing_and_keeps_what_it_holds(store: PoolStore) -> None:
+    clock, queue = Clock(), Queue()
+    drained: set[str] = set()
+    eu = PoolKey("eu", "ubuntu")
+    warmer = Prewarmer(
+        store=store,
+        templates=TEMPLATES,
+        regions=["local", "eu"],
+        settings=SETTINGS,
+        enqueue=queue,
+        clock=clock,
+        drained_regions=lambda: drained,
+    )
+    store.set_config(UBUNTU, PoolConfig(size=2))
+    store.set_config(eu, PoolConfig(size=2))
+    warmer.tick()
+    boot_all(store, queue, clock)
+    store.set_config(UBUNTU, PoolConfig(size=3))
+    store.set_config(eu, PoolConfig(size=3))
+    drained.add("eu")
+    clock.now += 5
+
+    ticks = {o.key: o for o in warmer.tick()}
+
+    assert (ticks[eu].created, ticks[eu].blocked) == (0, "paused")
+    assert ticks[UBUNTU].created == 1  # the other region goes on
+    created = [store.environment(p["environment_id"]) for p in queue.take(PREWARM_ENVIRONMENT)]
+    assert [env.region for env in created if env is not None] == ["local"]
+    assert len(store.snapshot(eu).ready) == 2  # live ones stay until they finish
+    assert queue.take(RETIRE_ENVIRONMENT) == []
+    drained.clear()
+    clock.now += 5
+    assert {o.key: o for o in warmer.tick()}[eu].created == 1
+
+
 def test_vmis_waiting_for_capacity_stop_every_pool_of_the_region(store: PoolStore) -> None:
     clock, queue = Clock(), Queue()
     warmer = prewarmer(store, clock, queue)

@@ -11,7 +11,9 @@ queues (a failed session's teardown) are recorded, not run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ from typing import Any
 
 import fakeredis
 import pytest
+from kubernetes import client
 
 from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
-from services.provisioner.environments import Provisioner
+from services.provisioner.environments import Provisioner, create_environment
 from services.provisioner.observer import EnvironmentObserver
 from services.reaper.reconciler import PoolOwnership, Reconciler, Report
 from shared.adapters.informer import VmiInformer
@@ -46,12 +49,14 @@ from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
 from shared.session_life import SessionLife
 from tests.doubles import RecordingCelery, SentTask
 
-# The shipped ubuntu template without its readiness probe (5 s initial delay): boots at once.
-_SHIPPED = load_templates(None)["ubuntu"]
+# The shipped templates without their readiness probe (5 s initial delay): they boot at once.
+_SHIPPED = load_templates(None)
 TEMPLATES = {
-    "ubuntu": dataclasses.replace(
-        _SHIPPED, vms=tuple(dataclasses.replace(vm, readiness_probe=None) for vm in _SHIPPED.vms)
+    name: dataclasses.replace(
+        _SHIPPED[name],
+        vms=tuple(dataclasses.replace(vm, readiness_probe=None) for vm in _SHIPPED[name].vms),
     )
+    for name in ("ubuntu", "kubernetes")
 }
 GRACE = 60.0
 NAMESPACE = "default"
@@ -77,6 +82,7 @@ def empty_cluster(cluster: KubeCluster) -> Iterator[None]:
     yield
     cluster.delete_vmis(MANAGED_BY_SELECTOR)
     cluster.delete_services(MANAGED_BY_SELECTOR)
+    cluster.delete_network_policies(MANAGED_BY_SELECTOR)
     wait_until(lambda: not cluster.list_vmis(MANAGED_BY_SELECTOR)[0], timeout=10)
 
 
@@ -161,13 +167,13 @@ def teardown_of(session_id: str) -> SentTask:
     return SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)
 
 
-def opened(world: World, *, user: str = "alice") -> Session:
+def opened(world: World, *, user: str = "alice", template: str = "ubuntu") -> Session:
     """A session as the API opens one (cold: there are no pools here)."""
     session, _ = start_session(
         user=user,
-        template="ubuntu",
+        template=template,
         region="local",
-        clocks=clocks_for(TEMPLATES["ubuntu"]),
+        clocks=clocks_for(TEMPLATES[template]),
         now=time.time(),
     )
     world.store.add(session)
@@ -212,7 +218,119 @@ def names(cluster: KubeCluster) -> set[str]:
     return {v["metadata"]["name"] for v in cluster.list_vmis(MANAGED_BY_SELECTOR)[0]}
 
 
+def network_policies(sim: SimHandle, selector: str) -> list[Any]:
+    with sim.api_client() as api_client:
+        listed = client.NetworkingV1Api(api_client).list_namespaced_network_policy(
+            NAMESPACE, label_selector=selector
+        )
+    return list(listed.items)
+
+
+class RecordingCluster:
+    """The real cluster, recording every object labvirt asks it to create, in order."""
+
+    def __init__(self, cluster: KubeCluster) -> None:
+        self._cluster = cluster
+        self.namespace = cluster.namespace
+        self.created: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._cluster, name)
+        if not name.startswith("create_"):
+            return attribute
+
+        def create(body: dict[str, Any]) -> Any:
+            self.created.append(copy.deepcopy(body))
+            return attribute(body)
+
+        return create
+
+
+def user_data(vmi: dict[str, Any]) -> str:
+    [data] = [
+        v["cloudInitNoCloud"]["userData"] for v in vmi["spec"]["volumes"] if "cloudInitNoCloud" in v
+    ]
+    return str(data)
+
+
+# -- an environment's objects ----------------------------------------------------------------
+
+
+def test_a_kubernetes_environment_comes_with_its_policy_and_goes_with_it(
+    world: World, cluster: KubeCluster, sim: SimHandle
+) -> None:
+    session = opened(world, template="kubernetes")
+    recording = RecordingCluster(cluster)
+    provisioner = Provisioner(
+        life=world.life, templates=TEMPLATES, cluster_for=lambda region: recording
+    )
+    selector = environment_selector(session.environment_id)
+
+    assert provisioner.provision(session.id).detail == "created"
+
+    # The policy first, so booting VMs can reach each other through the namespace's fence.
+    kinds = [body["kind"] for body in recording.created]
+    assert kinds == ["NetworkPolicy", "Service", "VirtualMachineInstance", "VirtualMachineInstance"]
+    [policy] = network_policies(sim, selector)
+    assert policy.metadata.name == f"lv-{session.environment_id}"
+    members = {
+        "app.kubernetes.io/managed-by": "labvirt",
+        "labvirt.io/environment": session.environment_id,
+    }
+    assert policy.spec.pod_selector.match_labels == members
+    assert policy.spec.policy_types == ["Ingress", "Egress"]
+    vmis, _ = cluster.list_vmis(selector)
+    for vmi in vmis:
+        assert members.items() <= vmi["metadata"]["labels"].items()
+        # The session's own random token, in the user data only.
+        assert f"--token {session.environment_token} " in user_data(vmi)
+        assert session.environment_token not in json.dumps(vmi["metadata"])
+
+    # A retried provision (a redelivered task) renders the very same objects: all exist.
+    first = list(recording.created)
+    assert provisioner.provision(session.id).detail == "created"
+    assert recording.created[len(first) :] == first
+    assert len(network_policies(sim, selector)) == 1
+    assert cluster.count_services(selector) == 1
+
+    provisioner.teardown(session.id)
+
+    assert network_policies(sim, selector) == []
+    assert cluster.count_services(selector) == 0
+    wait_until(lambda: not cluster.list_vmis(selector)[0], timeout=10)
+
+
+def test_a_single_vm_environment_gets_no_policy(
+    world: World, cluster: KubeCluster, sim: SimHandle
+) -> None:
+    session = provisioned(world, cluster)
+
+    assert network_policies(sim, environment_selector(session.environment_id)) == []
+
+
 # -- orphans ---------------------------------------------------------------------------------
+
+
+def test_an_orphaned_kubernetes_environment_goes_with_its_service_and_policy(
+    world: World, cluster: KubeCluster, sim: SimHandle
+) -> None:
+    manifests = build_environment(
+        template=TEMPLATES["kubernetes"],
+        environment_id="orphan1",
+        namespace=NAMESPACE,
+        session_id=None,  # and no pool: nobody owns it
+        environment_token="abcdef.0123456789abcdef",
+    )
+    create_environment(cluster, manifests)
+    selector = environment_selector("orphan1")
+    assert len(network_policies(sim, selector)) == 1
+
+    late = reconcile(world, cluster, now=time.time() + GRACE + 5)
+
+    assert set(late.report.orphans_deleted) == {"lv-orphan1-controlplane", "lv-orphan1-node01"}
+    assert network_policies(sim, selector) == []
+    assert cluster.count_services(selector) == 0
+    wait_until(lambda: not cluster.list_vmis(selector)[0], timeout=10)
 
 
 def test_an_unowned_vmi_is_deleted_after_the_grace_time_only(

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from services.api.schemas import session_body
+from shared.domain.recovery import session_annotations
 from shared.domain.sessions import (
     FINAL_STATES,
     HISTORY_LIMIT,
@@ -27,6 +29,7 @@ from shared.domain.sessions import (
     hash_token,
     open_session,
 )
+from shared.domain.user_data import KUBEADM_TOKEN, legacy_environment_token
 
 P, R, T, E, F = (
     SessionState.PROVISIONING,
@@ -415,3 +418,43 @@ def test_seen_changes_nothing_but_last_seen(start: float, at: float) -> None:
     assert after.last_seen_at >= before.last_seen_at
     assert replace(after, last_seen_at=before.last_seen_at) == before
     assert after.expires_at == before.expires_at  # a heartbeat never extends the lifetime
+
+
+# -- the environment token -------------------------------------------------------------------
+
+
+def test_each_session_gets_its_own_random_kubeadm_token() -> None:
+    opened = [session_in(P) for _ in range(50)]
+
+    tokens = {session.environment_token for session in opened}
+
+    assert len(tokens) == 50
+    assert all(KUBEADM_TOKEN.fullmatch(token) for token in tokens)
+    # Random, not derived from what the session stores elsewhere (as it once was).
+    for session in opened:
+        legacy = legacy_environment_token(session.token_hash, session.environment_id)
+        assert session.environment_token != legacy
+
+
+def test_the_environment_token_is_kept_with_the_session_and_nowhere_else() -> None:
+    session = session_in(R)
+
+    stored = Session.from_dict(json.loads(json.dumps(session.to_dict())))
+
+    assert stored.environment_token == session.environment_token
+    assert session.environment_token not in repr(session)  # logs
+    assert session.environment_token not in json.dumps(session_annotations(session))
+    assert session.environment_token not in json.dumps(session_body(session, token="t"))
+
+
+def test_a_session_stored_before_the_token_keeps_the_token_its_vms_carry() -> None:
+    data = session_in(P).to_dict()
+    del data["environment_token"]
+
+    session = Session.from_dict(data)
+
+    # What labvirt derived for it then: a retried provision renders the same manifests.
+    assert session.environment_token == legacy_environment_token(
+        data["token_hash"], data["environment_id"]
+    )
+    assert KUBEADM_TOKEN.fullmatch(session.environment_token)

@@ -469,3 +469,6 @@ def test_kubernetes_nodes_share_the_environment_token() -> None:
     assert "kubeadm join" in node01.user_data
     for vm in (controlplane, node01):
         assert "--token {{ environment_token }}" in vm.user_data
+    # The bootstrap token outlives the join by a margin, not the environment.
+    assert "--token-ttl 1h " in controlplane.user_data
+    assert "--token-ttl 0" not in controlplane.user_data

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
 from shared.domain.pools.config import PoolKey
 from shared.domain.sessions import VmView
+from shared.domain.user_data import new_environment_token
 
 
 class EnvironmentState(StrEnum):
@@ -46,7 +47,8 @@ class WarmEnvironment:
     id: str
     region: str
     template: str
-    token: str  # chosen once at creation, so a retried boot renders identical manifests
+    # Chosen once at creation, so a retried boot renders identical manifests.
+    token: str = field(repr=False)
     created_at: float
     state: EnvironmentState = EnvironmentState.BOOTING
     ready_at: float | None = None
@@ -67,18 +69,14 @@ class WarmEnvironment:
         return replace(self.moved(EnvironmentState.CLAIMED), session_id=session_id, claimed_at=at)
 
 
-_TOKEN_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"  # noqa: S105 - an alphabet
-
-
 def new_warm_environment(*, key: PoolKey, now: float) -> WarmEnvironment:
     """A pooled environment about to be reserved: a fresh id, and a cloud-init token chosen
     once (kubeadm's bootstrap-token shape, [a-z0-9]{6}.[a-z0-9]{16}) so every retry of its
     boot renders the same manifests."""
-    token = "".join(secrets.choice(_TOKEN_ALPHABET) for _ in range(22))
     return WarmEnvironment(
         id=secrets.token_hex(5),
         region=key.region,
         template=key.template,
-        token=f"{token[:6]}.{token[6:]}",
+        token=new_environment_token(),
         created_at=now,
     )
