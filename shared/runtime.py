@@ -62,18 +62,18 @@ class Runtime:
     def __post_init__(self) -> None:
         self.events = SessionEvents(self.redis)
         self.queue = TaskQueue(self.celery)
+        self.dead_letters = DeadLetters(
+            self.redis,
+            retention_seconds=self.settings.dead_letter_retention_seconds,
+            max_records=self.settings.dead_letter_max,
+            clock=self.clock,
+        )
         self.regions = RegionPicker(
             settings=self.settings,
             state=RedisRegionState(self.redis),
             sessions=self.sessions,
             templates=self.templates,
             pools=self.pools,
-        )
-        self.dead_letters = DeadLetters(
-            self.redis,
-            retention_seconds=self.settings.dead_letter_retention_seconds,
-            max_records=self.settings.dead_letter_max,
-            clock=self.clock,
         )
         self.life = SessionLife(
             store=self.sessions,
@@ -82,6 +82,7 @@ class Runtime:
             clock=self.clock,
             pools=self.pools,
             connections=ConnectionSweeper(self.redis),
+            dead_letters=self.dead_letters,
             max_sessions_per_user=self.settings.max_sessions_per_user,
             regions=self.regions,
         )

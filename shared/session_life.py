@@ -19,49 +19,47 @@ from typing import Any
 import structlog
 
 from shared.adapters.connections import ConnectionSweeper
+from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.session_events import SessionEvents
-from shared.adapters.session_store import RedisSessionStore, SessionNotFound, UserBusy
+from shared.adapters.session_store import RedisSessionStore, SessionNotFound
 from shared.domain.lifecycle import (
-    DEADLINE_KINDS,
     DeadlineKind,
     DeadlineOutcome,
     Decision,
-    Effect,
     ProgressEvent,
     SessionClocks,
     Stage,
     admit,
     booting_progress,
     extend,
-    on_deadline,
     start_session,
 )
 from shared.domain.reasons import CloseReason, Failure
 from shared.domain.regions import RegionChoice, RegionHint
+from shared.domain.retries import may_replace, reopened, with_fresh_environment
 from shared.domain.sessions import (
+    EnvironmentId,
     IllegalTransition,
     NotLive,
     Session,
     SessionState,
     VmView,
+    new_ids,
 )
-from shared.jobs import BIND_ENVIRONMENT, PROVISION, TEARDOWN, TaskQueue
+from shared.jobs import BIND_ENVIRONMENT, PROVISION, RETIRE_ENVIRONMENT, TEARDOWN, TaskQueue
 from shared.regions import RegionPicker
-from shared.session_results import NotQueued, Opened, Reaped, SessionLimitReached
+from shared.session_reaping import reap_due, settle_deadline
+from shared.session_results import (
+    NotQueued,
+    Opened,
+    ProvisioningFailed,
+    Reaped,
+    SessionLimitReached,
+)
 from shared.warm_claim import claim_warm_environment
 
 log = structlog.get_logger(__name__)
-
-__all__ = [
-    "NotQueued",
-    "Opened",
-    "Reaped",
-    "SessionLife",
-    "SessionLimitReached",
-    "SessionNotFound",
-    "UserBusy",
-]
 
 
 class SessionLife:
@@ -74,6 +72,7 @@ class SessionLife:
         clock: Callable[[], float] = time.time,
         pools: RedisPoolStore | None = None,
         connections: ConnectionSweeper | None = None,
+        dead_letters: DeadLetters | None = None,
         max_sessions_per_user: int = 1,
         regions: RegionPicker | None = None,
     ) -> None:
@@ -83,6 +82,7 @@ class SessionLife:
         self._clock = clock
         self._pools = pools
         self._connections = connections
+        self._dead_letters = dead_letters
         self._max_sessions_per_user = max_sessions_per_user
         self._regions = regions
 
@@ -175,8 +175,8 @@ class SessionLife:
     # -- while it boots and serves ------------------------------------------------------------
 
     def record_progress(self, session_id: str, vms: list[VmView]) -> None:
-        """A provisioning session's VMs as they boot, with a ``booting`` event when the count
-        of ready ones changes (in the same transaction, so two observers send it once)."""
+        """A booting session's VMs, and a ``booting`` event (in the same transaction, so two
+        observers send it once) when the number of ready ones changes."""
         now = self._clock()
 
         def change(current: Session) -> Session:
@@ -240,16 +240,72 @@ class SessionLife:
 
     # -- ending -----------------------------------------------------------------------------
 
-    def fail(self, session_id: str, failure: Failure, *, teardown: bool = True) -> bool:
+    def fail(
+        self,
+        session_id: str,
+        failure: Failure,
+        *,
+        teardown: bool = True,
+        provisioning_failed: bool = False,
+    ) -> bool:
         """Fail a live session and queue the removal of its environment; True if this call
-        failed it (a session already closing or over is left as it is)."""
+        failed it (a session already closing or over is left as it is).
+
+        ``provisioning_failed``: its environment could not be brought up (every boot
+        failed): the provisioning goes to the dead letters, for an operator to requeue.
+        """
         now = self._clock()
-        _, moved = self._move(session_id, lambda s: s.fail(failure, at=now))
+        session, moved = self._move(session_id, lambda s: s.fail(failure, at=now))
         if moved:
             log.warning("session.failed", session_id=session_id, reason=failure.message)
             if teardown:
                 self._queue.enqueue(TEARDOWN, {"session_id": session_id})
+            if provisioning_failed and self._dead_letters is not None and session is not None:
+                self._dead_letters.record(
+                    task=PROVISION,
+                    payload={"session_id": session_id},
+                    task_id=None,
+                    error=ProvisioningFailed(failure.message),
+                    traceback="",
+                    concerns={"session_id": session_id, "region": session.region},
+                )
         return moved
+
+    def replace_environment(self, session_id: str, *, boot_seconds: float) -> bool:
+        """A VM failed to boot: give the session one fresh environment while its startup time
+        allows (the failed one is deleted); False when it has had its second chance."""
+        now = self._clock()
+        fresh = EnvironmentId(new_ids()[1])
+        replaced: list[Session] = []
+
+        def change(current: Session) -> Session:
+            if not may_replace(current, now=now, boot_seconds=boot_seconds):
+                raise IllegalTransition(current.state, current.state)
+            replaced.append(current)
+            return with_fresh_environment(current, environment_id=fresh)
+
+        _, moved = self._move(session_id, change)
+        if moved:
+            old = replaced[-1]
+            log.warning(
+                "session.environment_replaced",
+                session_id=session_id,
+                failed_environment=old.environment_id,
+                environment_id=fresh,
+            )
+            self._queue.enqueue(
+                RETIRE_ENVIRONMENT, {"environment_id": old.environment_id, "region": old.region}
+            )
+            self._queue.enqueue(PROVISION, {"session_id": session_id})
+        return moved
+
+    def reopen(self, session_id: str) -> Session:
+        """A failed session provisions again (requeued); ``IllegalTransition`` if it cannot."""
+        now = self._clock()
+        fresh = EnvironmentId(new_ids()[1])
+        session = self.store.update(session_id, lambda s: reopened(s, environment_id=fresh, at=now))
+        log.info("session.reopened", session_id=session_id, environment_id=fresh)
+        return session
 
     def close(self, session_id: str, reason: CloseReason) -> Session:
         """Close a live session and queue its teardown, once however often it is asked."""
@@ -263,8 +319,7 @@ class SessionLife:
         return session
 
     def closing_for_teardown(self, session_id: str) -> Session | None:
-        """The session a teardown works on, closed first if it was still live (a teardown
-        that arrives on its own closes the session as ``closed``); None if it is gone."""
+        """The session a teardown works on, closed (``closed``) first if still live."""
         now = self._clock()
         session, _ = self._move(session_id, lambda s: s.close(CloseReason.CLOSED, at=now))
         return session
@@ -305,66 +360,12 @@ class SessionLife:
     # -- deadlines ----------------------------------------------------------------------------
 
     def reap(self, *, batch: int, rng: random.Random | None = None) -> Reaped:
-        """Settle every due deadline (at most ``batch`` per kind); queue what this caller won.
-
-        ``rng`` shuffles each batch, so reapers running at once start on different sessions
-        instead of queueing behind each other on the same ones.
-        """
-        now = self._clock()
-        reaped = Reaped()
-        for kind in DEADLINE_KINDS:
-            due = self.store.due(kind, now, batch)
-            if rng is not None:
-                rng.shuffle(due)
-            for session_id in due:
-                outcome = self.settle(kind, session_id, now=now)
-                if outcome is None or outcome.effect is None:
-                    continue
-                if outcome.effect is Effect.TEARDOWN:
-                    reaped.teardowns.append(session_id)
-                    log.info(
-                        "session.reaped",
-                        session_id=session_id,
-                        template=outcome.session.template,
-                        deadline=kind.value,
-                        state=outcome.session.state.value,
-                        **outcome.detail,
-                    )
-                else:
-                    reaped.warnings.append(session_id)
-                    log.info("session.expiring_soon", session_id=session_id, **outcome.detail)
-        for closed in reaped.teardowns:
-            self._queue.enqueue(TEARDOWN, {"session_id": closed})
-        return reaped
+        """Settle every due deadline; see ``shared.session_reaping``."""
+        return reap_due(self.store, self._queue, now=self._clock(), batch=batch, rng=rng)
 
     def settle(self, kind: DeadlineKind, session_id: str, *, now: float) -> DeadlineOutcome | None:
-        """Apply one due deadline in one transaction; None if the session's document is gone.
-
-        The outcome's effect is set only for the caller whose transaction committed the
-        change: a second reaper re-reads the session, finds the deadline moved on and does
-        nothing.
-        """
-        outcomes: list[DeadlineOutcome] = []
-
-        def change(current: Session) -> Session:
-            outcomes.clear()
-            outcome = on_deadline(current, kind, now=now, policy=self.store.policy)
-            outcomes.append(outcome)
-            return outcome.session
-
-        def announce(_before: Session, _after: Session) -> ProgressEvent | None:
-            outcome = outcomes[-1]
-            if outcome.effect is Effect.WARN:
-                return ProgressEvent(Stage.EXPIRING_SOON, now, dict(outcome.detail))
-            return None
-
-        try:
-            # reindex: even when nothing changes, the stale deadline entry is replaced.
-            self.store.update(session_id, change, reindex=True, announce=announce)
-        except SessionNotFound:
-            self.store.forget_deadline(kind, session_id)
-            return None
-        return outcomes[-1]
+        """Apply one due deadline; see ``shared.session_reaping``."""
+        return settle_deadline(self.store, kind, session_id, now=now)
 
     # -- one way to move ----------------------------------------------------------------------
 

@@ -37,3 +37,7 @@ class Reaped:
 
     teardowns: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+
+class ProvisioningFailed(Exception):
+    """An environment that could not be brought up (every boot failed), as a dead letter."""

@@ -24,7 +24,8 @@ from services.api.context import admin_caller, body, runtime
 from services.api.errors import ApiError, invalid_request
 from services.api.schemas import session_body
 from shared.adapters.dead_letters import DeadLetter, Filter, Status
-from shared.domain.sessions import SessionState
+from shared.domain.sessions import IllegalTransition, SessionState
+from shared.jobs import PROVISION
 
 admin_failed = Blueprint("admin_failed", __name__)
 
@@ -124,11 +125,30 @@ def show_failed(failure_id: str) -> Response:
     return jsonify(_letter(failure_id).to_dict())
 
 
+def _ready_to_run(letter: DeadLetter) -> None:
+    """A failed provisioning runs again on its session, reopened in a fresh environment (the
+    learner's session failed with it); 409 when that session can no longer be reopened."""
+    if letter.task != PROVISION or letter.status == Status.REQUEUED:
+        return
+    rt = runtime()
+    session = rt.sessions.get(letter.payload.get("session_id", ""))
+    if session is None or session.state is not SessionState.FAILED:
+        return  # gone (nothing to do) or live again: the task decides
+    try:
+        rt.life.reopen(session.id)
+    except IllegalTransition as exc:
+        raise ApiError(
+            409,
+            "session_not_reopenable",
+            f"session {session.id} failed and its lifetime is over: open a new one",
+        ) from exc
+
+
 @admin_failed.post("/v1/admin/failed/<failure_id>/requeue")
 def requeue_failed(failure_id: str) -> Response:
     by = _requester()
     rt = runtime()
-    _letter(failure_id)
+    _ready_to_run(_letter(failure_id))
     letter, queued = rt.dead_letters.requeue(failure_id, by=by, enqueue=rt.queue.enqueue)
     if letter is None:
         raise ApiError(404, "failure_not_found", "no such failed task")
@@ -145,6 +165,11 @@ def requeue_matching() -> Response:
     requeued: list[str] = []
     skipped: list[str] = []
     for letter in letters:
+        try:
+            _ready_to_run(letter)
+        except ApiError:
+            skipped.append(letter.id)
+            continue
         _, queued = rt.dead_letters.requeue(letter.id, by=by, enqueue=rt.queue.enqueue)
         (requeued if queued else skipped).append(letter.id)
     return jsonify({"requeued": requeued, "skipped": skipped})

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from services.api.context import body, caller, platform_caller, runtime, session_for
 from services.api.errors import ApiError, invalid_request, session_not_found
 from services.api.schemas import CreateSessionRequest, TokenBody, session_body, timestamp
+from shared.adapters.session_store import SessionNotFound, UserBusy
 from shared.adapters.tickets import issue_ticket
 from shared.domain.lifecycle import ExtensionRefused, clocks_for
 from shared.domain.reasons import CloseReason
@@ -23,7 +24,7 @@ from shared.domain.regions import (
 )
 from shared.domain.sessions import InvalidUser, NotLive, Session, check_user
 from shared.runtime import clock_overrides
-from shared.session_life import NotQueued, SessionLimitReached, SessionNotFound, UserBusy
+from shared.session_results import NotQueued, SessionLimitReached
 
 blueprint = Blueprint("sessions", __name__)
 

@@ -30,6 +30,8 @@ log = structlog.get_logger(__name__)
 
 # Fingerprints kept for skipping repeats; past this many, the oldest are forgotten.
 _MAX_REMEMBERED: Final = 100_000
+# The startup time a fresh environment needs left to be worth trying after a failed boot.
+REPLACEMENT_BOOT_SECONDS: Final = 60.0
 
 
 class EnvironmentObserver:
@@ -84,9 +86,16 @@ class EnvironmentObserver:
             return True
         for vmi in change.vmis:
             problem = failure_of(vmi)
-            if problem is not None:
-                self._life.fail(session_id, Failure.vm_failed(problem))
-                return True
+            if problem is None:
+                continue
+            booting = session.state is SessionState.PROVISIONING
+            # A boot that failed gets one fresh environment while the startup time allows;
+            # after that the provisioning has failed for good (and goes to the dead letters).
+            if not booting or not self._life.replace_environment(
+                session_id, boot_seconds=REPLACEMENT_BOOT_SECONDS
+            ):
+                self._life.fail(session_id, Failure.vm_failed(problem), provisioning_failed=booting)
+            return True
         present = {vmi_name(vmi) for vmi in change.vmis}
         expected = [environment_vmi_name(session.environment_id, vm.name) for vm in template.vms]
         views = vm_views(template, change.vmis)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 import structlog
 
@@ -49,6 +49,9 @@ from shared.domain.vmi_status import failure_of, is_ready, vm_views
 from shared.session_life import SessionLife
 
 log = structlog.get_logger(__name__)
+
+# A provisioning session with no VMI this long after it opened gets its provision asked again.
+PROVISION_RECOVERY_SECONDS: Final = 60.0
 
 
 class PoolOwnership(Protocol):
@@ -195,6 +198,15 @@ class Reconciler:
         if problem is not None:
             if self._life.fail(session.id, problem):
                 run.report.failed.append(session.id)
+            return
+        if (
+            session.state is SessionState.PROVISIONING
+            and not vmis
+            and run.now - session.created_at >= PROVISION_RECOVERY_SECONDS
+        ):
+            # No VM yet, long after it was asked for: the provision task was lost with its
+            # worker. Asking again is safe (it is idempotent) and quicker than a redelivery.
+            run.report.provisions.append(session.id)
             return
         if session.state is SessionState.PROVISIONING and self._all_ready(session, vmis):
             template = self._templates[session.template]

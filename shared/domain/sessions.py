@@ -149,6 +149,8 @@ class Session:
     # template), chosen at open so a retried provision renders the same manifests. Kept out of
     # repr (logs), API bodies and the cluster's labels and annotations.
     environment_token: str = field(default_factory=new_environment_token, repr=False)
+    # Fresh environments this session was given after a boot failed (``shared.domain.retries``).
+    replacements: int = 0
 
     @property
     def idle_expires_at(self) -> float:
@@ -264,6 +266,7 @@ class Session:
             "teardown_requested_at": self.teardown_requested_at,
             "ended_by": self.ended_by,
             "environment_token": self.environment_token,
+            "replacements": self.replacements,
         }
 
     @classmethod
@@ -291,6 +294,7 @@ class Session:
             teardown_requested_at=_optional_float(data.get("teardown_requested_at")),
             ended_by=data.get("ended_by"),
             # Recorded before labvirt stored a token: the one it derived then.
+            replacements=int(data.get("replacements") or 0),
             environment_token=str(
                 data.get("environment_token")
                 or legacy_environment_token(str(data["token_hash"]), str(data["environment_id"]))

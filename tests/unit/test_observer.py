@@ -153,17 +153,31 @@ def test_an_incomplete_environment_is_not_ready_even_if_its_vms_are(world: World
     assert stored.state is SessionState.PROVISIONING
 
 
-def test_a_failed_vm_fails_the_session_and_queues_one_teardown(world: World) -> None:
+def test_a_failed_boot_gets_one_fresh_environment_then_fails_for_good(world: World) -> None:
     session = world.session("ubuntu")
     world.observer(change(session, vmi(session, "ubuntu", phase="Failed", ready=False)))
-    world.observer(change(session, vmi(session, "ubuntu", phase="Failed", ready=False)))
+    moved = world.life.get(session.id)
+    assert moved is not None
+    assert moved.state is SessionState.PROVISIONING
+    assert moved.environment_id != session.environment_id
+    assert moved.replacements == 1
+    assert world.queue.sent == [
+        (
+            "labvirt.retire_environment",
+            {"environment_id": session.environment_id, "region": "local"},
+        ),
+        ("labvirt.provision", {"session_id": session.id}),
+    ]
+    world.queue.sent.clear()
+    # The fresh environment fails too: that was its second chance.
+    world.observer(change(moved, vmi(moved, "ubuntu", phase="Failed", ready=False)))
+    world.observer(change(moved, vmi(moved, "ubuntu", phase="Failed", ready=False)))
     stored = world.life.get(session.id)
     assert stored is not None
     assert stored.state is SessionState.FAILED
     assert stored.ended_by == FailureKind.VM_FAILED.value
-    assert (
-        stored.reason
-        == f"VM {environment_vmi_name(session.environment_id, 'ubuntu')} reached phase Failed"
+    assert stored.reason == (
+        f"VM {environment_vmi_name(moved.environment_id, 'ubuntu')} reached phase Failed"
     )
     assert world.queue.sent == [("labvirt.teardown", {"session_id": session.id})]
 

@@ -19,7 +19,8 @@ from shared.adapters.session_store import RedisSessionStore
 from shared.domain.reasons import CloseReason
 from shared.domain.sessions import Session, SessionId, SessionState, open_session
 from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
-from shared.session_life import Reaped, SessionLife
+from shared.session_life import SessionLife
+from shared.session_results import Reaped
 from tests.conftest import flush_database
 from tests.doubles import RecordingCelery, SentTask
 
