@@ -164,4 +164,7 @@ def serve(settings: Settings) -> None:
         access_log=None,
         shutdown_timeout=5.0,
         handle_signals=True,
+        # A browser that goes away cancels its handler at once, so its connection's lease is
+        # released then, not at the next keep-alive write that would have failed.
+        handler_cancellation=True,
     )

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -183,13 +184,16 @@ def test_closing_every_connection_tears_the_session_down_after_the_grace(
     selector = f"labvirt.io/session={session['id']}"
     assert system.sim.vmis(selector)
     connections_held(system, session, system.base_url, 0.5)
-    closed_at = time.monotonic()
+    closed_at = time.time()
     ended = system.wait_state(session["id"], "ended", timeout=GRACE_SECONDS + 30)
     wait_until(lambda: system.sim.vmis(selector) == [], timeout=30, what="the VMIs to go")
-    # Grace, one reaper tick (1 s here) and the teardown itself.
-    assert time.monotonic() - closed_at < GRACE_SECONDS + 1 + 15
-    closes = [h for h in ended["history"] if h["state"] == "terminating"]
-    assert [h["reason"] for h in closes] == ["disconnected"]
+    [close] = [h for h in ended["history"] if h["state"] == "terminating"]
+    assert close["reason"] == "disconnected"
+    # Closed once the grace and the next reaper tick (1 s here) had passed: never before the
+    # grace, and not much later (the history keeps whole seconds; a loaded machine delays a
+    # tick). How long the VMIs then take to go is the cluster's graceful shutdown.
+    waited = datetime.fromisoformat(close["at"].replace("Z", "+00:00")).timestamp() - closed_at
+    assert GRACE_SECONDS - 1 <= waited <= GRACE_SECONDS + 1 + 3, waited
 
 
 def test_a_reload_within_the_grace_keeps_the_session(system: System) -> None:
