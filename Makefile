@@ -51,8 +51,8 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos: 100 sessions against 20% API errors and boot failures; calls per session with and without errors
-	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest tests/e2e/test_chaos.py $(PYTEST_ARGS)
+chaos: install ## Chaos with 100 sessions: API errors, boot failures, cut watches, a killed worker; calls per session
+	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
 
 .PHONY: pool-load
 pool-load: install ## Warm pools under load: 500 concurrent creates against a pool of 100

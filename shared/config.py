@@ -76,6 +76,9 @@ class Settings:
     teardown_retry_seconds: float = 300.0
     reconcile_interval_seconds: float = 30.0
     orphan_grace_seconds: float = 120.0
+    # A provisioning session with no VMI this long after it opened has its provision asked
+    # again (its worker died holding the task).
+    provision_recovery_seconds: float = 30.0
     events_keepalive_seconds: float = 15.0
     teardown_timeout_seconds: float = 120.0
     kube_request_timeout_seconds: float = 30.0
@@ -164,6 +167,9 @@ class Settings:
             ),
             orphan_grace_seconds=env.number(
                 "LABVIRT_ORPHAN_GRACE_SECONDS", cls.orphan_grace_seconds, minimum=0
+            ),
+            provision_recovery_seconds=env.number(
+                "LABVIRT_PROVISION_RECOVERY_SECONDS", cls.provision_recovery_seconds, minimum=1
             ),
             events_keepalive_seconds=env.number(
                 "LABVIRT_EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds, minimum=0.5

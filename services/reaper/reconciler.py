@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 import structlog
 
@@ -50,8 +50,6 @@ from shared.session_life import SessionLife
 
 log = structlog.get_logger(__name__)
 
-# A provisioning session with no VMI this long after it opened gets its provision asked again.
-PROVISION_RECOVERY_SECONDS: Final = 60.0
 
 
 class PoolOwnership(Protocol):
@@ -159,6 +157,7 @@ class Reconciler:
         cluster_for: Callable[[str], KubeCluster],
         pools: PoolOwnership | None = None,
         orphan_grace_seconds: float = 120.0,
+        provision_recovery_seconds: float = 30.0,
     ) -> None:
         self._life = life
         self._sessions = life.store
@@ -166,6 +165,7 @@ class Reconciler:
         self._cluster_for = cluster_for
         self._pools = pools
         self._grace = orphan_grace_seconds
+        self._provision_recovery = provision_recovery_seconds
 
     def reconcile(self, region: str, *, now: float) -> Report:
         known = self._sessions.region_sessions(region)  # before the list: see the module doc
@@ -202,7 +202,7 @@ class Reconciler:
         if (
             session.state is SessionState.PROVISIONING
             and not vmis
-            and run.now - session.created_at >= PROVISION_RECOVERY_SECONDS
+            and run.now - session.created_at >= self._provision_recovery
         ):
             # No VM yet, long after it was asked for: the provision task was lost with its
             # worker. Asking again is safe (it is idempotent) and quicker than a redelivery.

@@ -34,6 +34,7 @@ def build_reconciler(runtime: Runtime) -> Reconciler:
         cluster_for=runtime.kube().get,
         pools=runtime.pools,
         orphan_grace_seconds=runtime.settings.orphan_grace_seconds,
+        provision_recovery_seconds=runtime.settings.provision_recovery_seconds,
     )
 
 

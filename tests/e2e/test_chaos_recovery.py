@@ -1,0 +1,141 @@
+"""Chaos that kills things: a worker killed with SIGKILL in the middle of a class's cold
+starts, and a simulator that fails 20% of calls and cuts watches. Every session must end
+`ready`, or `failed` with a reason, within a stated bound, with no environment owned twice and
+nothing left unowned after a reconcile pass. `make chaos` runs a larger class
+(LABVIRT_CHAOS_SESSIONS)."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import claim_redis_database
+from tests.e2e.harness import System, start, start_system, wait_until
+
+pytestmark = pytest.mark.e2e
+
+SESSIONS = int(os.environ.get("LABVIRT_CHAOS_SESSIONS", "12"))
+# A lost provision is asked for again this long after the session opened (and the reconciler
+# runs this often): the bound below comes from these two.
+RECOVERY_SECONDS = 10
+RECONCILE_SECONDS = 3
+
+
+def class_of(system: System, prefix: str) -> list[dict[str, Any]]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda i: system.create("ubuntu", f"{prefix}-{i}"), range(SESSIONS)))
+
+
+def check_ownership(system: System, sessions: list[dict[str, Any]]) -> None:
+    """No environment held by two sessions; every labvirt VMI owned by a live session."""
+    owners: dict[str, str] = {}
+    for session in sessions:
+        body = system.session(session["id"])
+        if body["state"] == "ready":
+            for vm in body["vms"]:
+                assert vm["ready"], body
+    live = {s["id"] for s in sessions if system.session(s["id"])["state"] == "ready"}
+    for vmi in system.sim.vmis():
+        labels = vmi["metadata"].get("labels") or {}
+        environment = labels.get("labvirt.io/environment")
+        owner = labels.get("labvirt.io/session")
+        if vmi["metadata"].get("deletionTimestamp") or owner is None:
+            continue
+        assert owners.setdefault(environment, owner) == owner, (environment, owner)
+        assert owner in live, (vmi["metadata"]["name"], owner)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with claim_redis_database() as url:
+        running = start_system(
+            url,
+            tmp_path_factory.mktemp("chaos-recovery"),
+            extra_env={
+                "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
+                "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
+                "LABVIRT_ORPHAN_GRACE_SECONDS": "5",
+            },
+            sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", "9"],
+        )
+        try:
+            yield running
+        finally:
+            running.stop()
+
+
+def test_a_worker_killed_mid_run_loses_no_session(system: System, tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("LABVIRT_CHAOS_SEED", "5")))
+    with ThreadPoolExecutor(max_workers=1) as background:
+        creating = background.submit(class_of, system, "killed-worker")
+        time.sleep(rng.uniform(0.1, 1.0))  # somewhere in the middle of the creates
+        worker = system.procs["worker"].process
+        worker.kill()  # SIGKILL: no goodbye, its tasks stay unacknowledged
+        worker.wait()
+        sessions = creating.result()
+    time.sleep(2)
+    system.procs["worker"] = start(
+        "worker", [sys.executable, "-m", "labvirt.cli", "worker"], system.env, tmp_path
+    )
+    back = time.monotonic()
+    # A lost provision comes back after RECOVERY_SECONDS at the next reconcile pass; a VM that
+    # booted while no worker watched is seen as soon as the new worker's informer lists.
+    bound = RECOVERY_SECONDS + RECONCILE_SECONDS + 20
+    settled = [system.wait_state(s["id"], "ready", "failed", timeout=bound + 30) for s in sessions]
+    took = time.monotonic() - back
+    failed = [s for s in settled if s["state"] == "failed"]
+    assert all(s.get("reason") for s in failed), failed
+    assert not failed, [s["reason"] for s in failed]  # nothing here was the class's fault
+    assert took <= bound, took
+    check_ownership(system, sessions)
+    for session in sessions:
+        assert system.call("DELETE", f"/v1/sessions/{session['id']}").status_code == 202
+    for session in sessions:
+        assert system.wait_state(session["id"], "ended", timeout=60)["state"] == "ended"
+
+
+def test_failing_calls_and_cut_watches_lose_no_session(system: System, tmp_path: Path) -> None:
+    faults = requests.put(
+        f"{system.sim.url}/_sim/faults",
+        json={"error_rate": 0.2, "watch_drop_rate": 0.5},
+        timeout=5,
+    )
+    assert faults.status_code == 200, faults.text
+    # A worker started now follows the region through watches that are cut again and again.
+    system.procs["worker"].stop()
+    system.procs["worker"] = start(
+        "worker", [sys.executable, "-m", "labvirt.cli", "worker"], system.env, tmp_path
+    )
+    try:
+        sessions = class_of(system, "faulty")
+        settled = [system.wait_state(s["id"], "ready", "failed", timeout=120) for s in sessions]
+        failed = [s for s in settled if s["state"] == "failed"]
+        assert all(s.get("reason") for s in failed), failed
+        assert len(failed) <= SESSIONS // 4, [s["reason"] for s in failed]
+        stats = requests.get(f"{system.sim.url}/_sim/stats", timeout=5).json()
+        assert stats["injectedErrors"] > 0, stats
+        assert stats["droppedWatches"] > 0, stats
+    finally:
+        requests.put(
+            f"{system.sim.url}/_sim/faults",
+            json={"error_rate": 0, "watch_drop_rate": 0},
+            timeout=5,
+        )
+    check_ownership(system, sessions)
+    for session in sessions:
+        system.call("DELETE", f"/v1/sessions/{session['id']}")
+    # After the learners leave and a reconcile pass, nothing labvirt made is left.
+    wait_until(
+        lambda: system.sim.vmis() == [],
+        timeout=60 + RECONCILE_SECONDS,
+        what="every VMI to be gone",
+    )
