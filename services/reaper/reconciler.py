@@ -51,7 +51,6 @@ from shared.session_life import SessionLife
 log = structlog.get_logger(__name__)
 
 
-
 class PoolOwnership(Protocol):
     """What the reconciler needs from the warm pools (``shared.adapters.pool_store``).
 
