@@ -51,7 +51,7 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos with 100 sessions: API errors, boot failures, cut watches, a killed worker; calls per session
+chaos: install ## Chaos, 100 sessions: API errors, boot failures, cut watches, killed worker, Redis restart
 	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
 
 .PHONY: pool-load

@@ -38,11 +38,18 @@ class EmbeddedRedis:
     """A private redis-server on loopback that keeps nothing on disk."""
 
     def __init__(
-        self, *, port: int | None = None, workdir: Path | None = None, binary: str | None = None
+        self,
+        *,
+        port: int | None = None,
+        workdir: Path | None = None,
+        binary: str | None = None,
+        appendonly: bool = False,
     ) -> None:
-        """``binary`` is a redis-server to run instead of the wheel's."""
+        """``binary`` is a redis-server to run instead of the wheel's; ``appendonly`` keeps
+        an append-only file in ``workdir`` (fsync every second), as production runs it."""
         self.port = port or free_port()
         self.binary = binary
+        self.appendonly = appendonly
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="labvirt-redis-")
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.process: subprocess.Popen[bytes] | None = None
@@ -68,7 +75,9 @@ class EmbeddedRedis:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 str(self.workdir),
                 "--daemonize",
@@ -89,6 +98,15 @@ class EmbeddedRedis:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer on port {self.port}")
+
+    def restart(self, *, down_seconds: float = 0.0) -> None:
+        """Shut the server down as an operator's restart does (SIGTERM: the append-only file
+        is flushed), stay down a moment, and start it again on the same port and files."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        time.sleep(down_seconds)
+        self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

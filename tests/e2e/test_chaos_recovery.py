@@ -1,5 +1,6 @@
 """Chaos that kills things: a worker killed with SIGKILL in the middle of a class's cold
-starts, and a simulator that fails 20% of calls and cuts watches. Every session must end
+starts, Redis (append-only file on) restarted in the middle of one, and a simulator that fails
+20% of calls and cuts watches. Every session must end
 `ready`, or `failed` with a reason, within a stated bound, with no environment owned twice and
 nothing left unowned after a reconcile pass. `make chaos` runs a larger class
 (LABVIRT_CHAOS_SESSIONS)."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 import requests
 
+from shared.adapters.redis_server import EmbeddedRedis
 from tests.conftest import claim_redis_database
 from tests.e2e.harness import System, start, start_system, wait_until
 
@@ -139,3 +142,81 @@ def test_failing_calls_and_cut_watches_lose_no_session(system: System, tmp_path:
         timeout=60 + RECONCILE_SECONDS,
         what="every VMI to be gone",
     )
+
+
+def settle_through_outages(
+    system: System, session_id: str, states: tuple[str, ...], timeout: float
+) -> dict[str, Any]:
+    """The session once it reaches one of ``states``, asking again through 503s and resets
+    (Redis may be coming back)."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            response = system.call("GET", f"/v1/sessions/{session_id}")
+            last = response.status_code
+            if response.status_code == 200 and response.json()["state"] in states:
+                return dict(response.json())
+        except requests.RequestException as exc:
+            last = exc
+        time.sleep(0.3)
+    raise AssertionError(f"{session_id} did not reach {states} (last: {last!r})\n{system.logs()}")
+
+
+def test_a_redis_restart_mid_run_loses_no_session(tmp_path: Path) -> None:
+    binary = shutil.which("redis-server")
+    server = EmbeddedRedis(appendonly=True, binary=binary, workdir=tmp_path / "redis").start()
+    system = start_system(
+        server.url,
+        tmp_path,
+        extra_env={
+            "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
+            "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
+        },
+        sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", "13"],
+    )
+    try:
+        sessions = class_of(system, "redis-restart")
+        time.sleep(random.Random(7).uniform(0.1, 1.0))
+        server.restart(down_seconds=1.0)
+        back = time.monotonic()
+        restarted = restart_what_exited(system, tmp_path, watch_seconds=10)
+        bound = RECOVERY_SECONDS + RECONCILE_SECONDS + 30
+        settled = [
+            settle_through_outages(system, s["id"], ("ready", "failed"), bound + 30)
+            for s in sessions
+        ]
+        took = time.monotonic() - back
+        failed = [s for s in settled if s["state"] == "failed"]
+        assert all(s.get("reason") for s in failed), failed
+        assert not failed, [s["reason"] for s in failed]
+        assert took <= bound, (took, restarted)
+        check_ownership(system, sessions)
+    finally:
+        system.stop()
+        server.stop()
+
+
+def restart_what_exited(system: System, tmp_path: Path, *, watch_seconds: float) -> list[str]:
+    """What a Deployment does: start again any labvirt process that exited (a Celery worker
+    can stop on a lost broker connection); the names of those restarted."""
+    restarted: list[str] = []
+    deadline = time.monotonic() + watch_seconds
+    while time.monotonic() < deadline:
+        for name, proc in list(system.procs.items()):
+            if proc.process.poll() is None:
+                continue
+            argv = [sys.executable, "-m", "labvirt.cli", *COMMANDS[name]]
+            system.procs[name] = start(f"{name}-again", argv, system.env, tmp_path)
+            restarted.append(name)
+        time.sleep(0.5)
+    return restarted
+
+
+COMMANDS = {
+    "api": ["api"],
+    "gateway": ["gateway"],
+    "worker": ["worker"],
+    "prewarm": ["worker", "--queues", "prewarm"],
+    "beat": ["beat"],
+}
