@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from shared.adapters.redis_client import RedisUrlError, sentinel_target
 from shared.cluster_config import (
     Cluster,
     ClusterConfigError,
@@ -200,6 +201,10 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        try:
+            sentinel_target(self.redis_url)
+        except RedisUrlError as exc:
+            raise ConfigError(str(exc)) from exc
         if self.mode is Mode.PRODUCTION and not self.frontend_tokens:
             raise ConfigError(
                 "LABVIRT_FRONTEND_TOKENS is empty: production refuses to serve without "

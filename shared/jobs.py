@@ -19,6 +19,7 @@ from celery import Celery, Task, shared_task
 from kombu.entity import Queue
 
 from shared.adapters.dead_letters import DeadLetters
+from shared.adapters.redis_client import celery_broker
 from shared.adapters.retrying import DEFAULT_TASK_BUDGET, retry_budget
 from shared.config import ConfigError, Settings
 
@@ -169,7 +170,8 @@ TASK_MODULES = (
 
 def make_celery(settings: Settings) -> Celery:
     """The Celery app every labvirt process shares; connects to nothing until used."""
-    app = Celery("labvirt", broker=settings.redis_url, backend=None)
+    broker, sentinel_options = celery_broker(settings.redis_url)
+    app = Celery("labvirt", broker=broker, backend=None)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -186,7 +188,10 @@ def make_celery(settings: Settings) -> Celery:
         # visibility timeout: tasks are idempotent, so a late duplicate does no harm.
         # ``check_celery`` refuses a process whose timeouts do not nest.
         task_time_limit=settings.task_time_limit_seconds,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            **sentinel_options,
+        },
         # kombu ships no type hints.
         task_queues=[Queue(name) for name in (*QUEUES, PREWARM_QUEUE)],  # type: ignore[no-untyped-call]
         task_default_queue=MAINTENANCE_QUEUE,

@@ -20,6 +20,7 @@ from celery import Celery
 from shared.adapters.connections import ConnectionSweeper
 from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.redis_client import sentinel_target, sync_client
 from shared.adapters.region_state import RedisRegionState
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
@@ -105,7 +106,7 @@ def build_runtime(
     settings: Settings, *, celery: Celery | None = None, clusters: Clusters | None = None
 ) -> Runtime:
     """The process's runtime; a worker passes its ``Clusters``, the API none."""
-    client = redis.Redis.from_url(
+    client = sync_client(
         settings.redis_url,
         socket_connect_timeout=5,
         socket_timeout=10,
@@ -114,7 +115,12 @@ def build_runtime(
     return Runtime(
         settings=settings,
         redis=client,
-        sessions=RedisSessionStore(client, policy=deadline_policy(settings)),
+        sessions=RedisSessionStore(
+            client,
+            policy=deadline_policy(settings),
+            # Behind Sentinel there are replicas: a new session waits until one has it.
+            replicas_to_wait_for=1 if sentinel_target(settings.redis_url) else 0,
+        ),
         templates=load_templates(settings.templates_path),
         celery=celery or make_celery(settings),
         pools=RedisPoolStore(client),

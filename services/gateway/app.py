@@ -12,7 +12,6 @@ import asyncio
 import time
 from typing import Final
 
-import redis.asyncio
 import structlog
 from aiohttp import web
 
@@ -24,6 +23,7 @@ from services.gateway.proxy import ApiProxy
 from services.gateway.terminals import Terminals, ended_reason
 from services.gateway.ui import add_ui_routes
 from shared.adapters.connections import Connections
+from shared.adapters.redis_client import async_client
 from shared.config import Settings
 from shared.domain.sessions import SessionState
 
@@ -35,7 +35,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.asyncio.Redis.from_url(
+        self.redis = async_client(
             settings.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
         self.events = EventHub(self.redis)

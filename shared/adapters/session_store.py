@@ -37,6 +37,8 @@ log = structlog.get_logger(__name__)
 PREFIX = "labvirt"
 FINISHED_RETENTION_SECONDS = 24 * 3600
 _MGET_CHUNK = 1000
+# How long a new session may wait for its replica before the create answers anyway.
+REPLICA_WAIT_MS = 1000
 
 
 class SessionNotFound(LookupError):
@@ -87,9 +89,19 @@ class LiveCount:
 
 
 class RedisSessionStore:
-    def __init__(self, client: redis.Redis, *, policy: DeadlinePolicy | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        policy: DeadlinePolicy | None = None,
+        replicas_to_wait_for: int = 0,
+    ) -> None:
+        """``replicas_to_wait_for``: with replicas (Sentinel), a new session is on that many
+        of them before ``add`` returns, so a failover right after cannot lose a session the
+        frontend was already told about (replication is otherwise asynchronous)."""
         self._redis = client
         self._policy = policy or DeadlinePolicy()
+        self._replicas = replicas_to_wait_for
 
     @property
     def policy(self) -> DeadlinePolicy:
@@ -99,6 +111,10 @@ class RedisSessionStore:
         """Store a new session; its first progress event (``queued``, or ``ready`` if warm)."""
         if not self._insert(session, announce=True):
             raise ValueError(f"session {session.id} already exists")
+        if self._replicas:
+            acknowledged = int(self._redis.wait(self._replicas, REPLICA_WAIT_MS))
+            if acknowledged < self._replicas:
+                log.warning("session.not_replicated", session_id=session.id, replicas=acknowledged)
         _log_transition(None, session)
 
     def restore(self, session: Session) -> bool:
