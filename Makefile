@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt package.json package-lock.json
 install: $(STAMP) ## Create .venv, install labvirt with its dev tools, and the learner page's npm packages
 
 .PHONY: run
-run: install ## Run the whole system locally (Redis, simulator, API, worker, beat)
+run: install ## Run the whole system locally (Redis, simulator, API, gateway, workers, beat)
 	$(BIN)/labvirt dev
 
 .PHONY: test
@@ -51,7 +51,7 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos, 100 sessions: API errors, boot failures, cut watches, killed worker, Redis restart
+chaos: install ## Chaos, 100 sessions: API faults, killed worker, Redis restart, Sentinel failover
 	LABVIRT_CHAOS_SESSIONS=100 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
 
 .PHONY: pool-load
