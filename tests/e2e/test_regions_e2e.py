@@ -133,7 +133,13 @@ def ready_in_its_region_only(regions: Regions, session: dict[str, Any]) -> None:
     ready = regions.system.wait_state(session["id"], "ready", "failed")
     assert ready["state"] == "ready", ready
     home = session["region"]
-    assert session_vmis(regions.sim(home), session["id"])
+    # A warm session is ready at its claim; its VMIs carry its label once the worker has
+    # relabelled them (a moment later).
+    wait_until(
+        lambda: session_vmis(regions.sim(home), session["id"]),
+        timeout=30,
+        what=f"the VMIs of {session['id']} in {home}",
+    )
     for other in ({"eu", "us"} - {home}) & alive_simulators(regions):
         assert session_vmis(regions.sim(other), session["id"]) == []
 
