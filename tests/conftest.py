@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -127,3 +127,21 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def kubevirt_reference() -> Path:
     return require_kubevirt_reference()
+
+
+@pytest.fixture
+def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
+    """New connections to an empty database of the suite's Redis, one per racer, as separate
+    processes would have; closed, and the database emptied, afterwards."""
+    flush_database(redis_url)
+    clients: list[redis.Redis] = []
+
+    def new_client() -> redis.Redis:
+        client = redis.Redis.from_url(redis_url)
+        clients.append(client)
+        return client
+
+    yield new_client
+    for client in clients:
+        client.close()
+    flush_database(redis_url)

@@ -21,9 +21,8 @@ from typing import Final
 import aiohttp
 import structlog
 from aiohttp import web
-from kubernetes import client as kube_client
-from kubernetes import config as kube_config
 
+from shared.adapters.kube import load_configuration
 from shared.adapters.retrying import Backoff
 from shared.config import Cluster
 
@@ -64,16 +63,7 @@ class ConsoleEndpoint:
 
 def console_endpoint(cluster: Cluster) -> ConsoleEndpoint:
     """Read the cluster's address and credentials the way the official client does."""
-    configuration = kube_client.Configuration()
-    if cluster.kubeconfig is None:
-        kube_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        kube_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=str(cluster.kubeconfig),
-            context=cluster.context,
-            client_configuration=configuration,
-            persist_config=False,
-        )
+    configuration = load_configuration(cluster)
     headers = {}
     authorization = configuration.get_api_key_with_prefix("authorization")
     if authorization:

@@ -1,9 +1,8 @@
 """The Kubernetes adapter: KubeVirt VMIs, Services and NetworkPolicies through the official client.
 
-Statuses become typed exceptions; transient failures (429 with Retry-After, 5xx, broken
-connections) are retried by labvirt's one retry layer (``shared.adapters.retrying``), within the
-running task's budget; 409 AlreadyExists on create and 404 on delete count as success, so every
-operation is safe to repeat. The cluster is an object, never a global: one per region.
+Statuses become typed exceptions; transient ones (429, 5xx, broken connections) are retried by
+the one retry layer (``shared.adapters.retrying``) within the task's budget; 409 AlreadyExists
+on create and 404 on delete are success, so every operation is safe to repeat. One per region.
 """
 
 from __future__ import annotations
@@ -125,9 +124,9 @@ def call(operation: Callable[[], T]) -> T:
         raise Unavailable(f"connection failed: {exc}") from exc
 
 
-def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient:
-    # The kubernetes client ships no type hints: its loaders and watch are untyped calls.
-    configuration = client.Configuration()
+def load_configuration(cluster: ClusterConfig) -> client.Configuration:
+    """The cluster's address and credentials: its kubeconfig, or the in-cluster account."""
+    configuration = client.Configuration()  # the loaders below carry no type hints
     if cluster.kubeconfig is None:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     else:
@@ -137,6 +136,11 @@ def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient
             client_configuration=configuration,
             persist_config=False,
         )
+    return configuration
+
+
+def api_client(cluster: ClusterConfig, *, pool_maxsize: int) -> client.ApiClient:
+    configuration = load_configuration(cluster)
     # Workers run many environments at once; the default pool of 4 would serialise them.
     configuration.connection_pool_maxsize = pool_maxsize
     configuration.retries = False

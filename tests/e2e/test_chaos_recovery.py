@@ -58,18 +58,28 @@ def check_ownership(system: System, sessions: list[dict[str, Any]]) -> None:
         assert owner in live, (vmi["metadata"]["name"], owner)
 
 
+def start_recovering(redis_url: str, tmp: Path, *, seed: int, **env: str) -> System:
+    """A system whose reconciler asks again for lost provisions soon (RECOVERY_SECONDS)."""
+    return start_system(
+        redis_url,
+        tmp,
+        extra_env={
+            "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
+            "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
+            **env,
+        },
+        sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", str(seed)],
+    )
+
+
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     with claim_redis_database() as url:
-        running = start_system(
+        running = start_recovering(
             url,
             tmp_path_factory.mktemp("chaos-recovery"),
-            extra_env={
-                "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
-                "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
-                "LABVIRT_ORPHAN_GRACE_SECONDS": "5",
-            },
-            sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", "9"],
+            seed=9,
+            LABVIRT_ORPHAN_GRACE_SECONDS="5",
         )
         try:
             yield running
@@ -167,15 +177,7 @@ def settle_through_outages(
 def test_a_redis_restart_mid_run_loses_no_session(tmp_path: Path) -> None:
     binary = shutil.which("redis-server")
     server = EmbeddedRedis(appendonly=True, binary=binary, workdir=tmp_path / "redis").start()
-    system = start_system(
-        server.url,
-        tmp_path,
-        extra_env={
-            "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
-            "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
-        },
-        sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", "13"],
-    )
+    system = start_recovering(server.url, tmp_path, seed=13)
     try:
         sessions = class_of(system, "redis-restart")
         time.sleep(random.Random(7).uniform(0.1, 1.0))
@@ -295,15 +297,7 @@ def test_a_redis_primary_failing_over_loses_no_session(tmp_path: Path) -> None:
         processes.append(_server([binary, str(config), "--sentinel"], tmp_path / f"s{port}.log"))
         _wait_answer(port)
     url = "sentinel://" + ",".join(f"127.0.0.1:{p}" for p in sentinel_ports) + "/labvirt/0"
-    system = start_system(
-        url,
-        tmp_path,
-        extra_env={
-            "LABVIRT_PROVISION_RECOVERY_SECONDS": str(RECOVERY_SECONDS),
-            "LABVIRT_RECONCILE_INTERVAL_SECONDS": str(RECONCILE_SECONDS),
-        },
-        sim_args=["--nodes", str(SESSIONS // 8 + 5), "--boot-seconds", "2", "--seed", "17"],
-    )
+    system = start_recovering(url, tmp_path, seed=17)
     try:
         sessions = class_of(system, "failover")
         time.sleep(random.Random(3).uniform(0.1, 1.0))

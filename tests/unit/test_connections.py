@@ -30,7 +30,6 @@ from shared.domain.reasons import CloseReason
 from shared.domain.sessions import Session, SessionState, VmView
 from shared.jobs import TEARDOWN, TaskQueue
 from shared.session_life import SessionLife
-from tests.conftest import flush_database
 from tests.doubles import RecordingCelery
 
 NOW = 1_700_000_000.0
@@ -68,23 +67,6 @@ class Loop:
         for client in self._clients:
             self._runner.run(client.aclose())
         self._runner.close()
-
-
-@pytest.fixture
-def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    """New sync connections to an empty database, closed (and the database emptied) after."""
-    flush_database(redis_url)
-    clients: list[redis.Redis] = []
-
-    def new_client() -> redis.Redis:
-        client = redis.Redis.from_url(redis_url)
-        clients.append(client)
-        return client
-
-    yield new_client
-    for client in clients:
-        client.close()
-    flush_database(redis_url)
 
 
 @pytest.fixture

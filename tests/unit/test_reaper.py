@@ -8,7 +8,7 @@ reapers and API processes each get a connection of their own, as separate proces
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,7 +21,6 @@ from shared.domain.sessions import Session, SessionId, SessionState, open_sessio
 from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
 from shared.session_life import SessionLife
 from shared.session_results import Reaped
-from tests.conftest import flush_database
 from tests.doubles import RecordingCelery, SentTask
 
 NOW = 1_700_000_000.0
@@ -80,23 +79,6 @@ def add_session(
         session = session.mark_ready(vms=(), at=created)
     store.add(session)
     return session
-
-
-@pytest.fixture
-def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    """New connections to an empty database, closed (and the database emptied) afterwards."""
-    flush_database(redis_url)
-    clients: list[redis.Redis] = []
-
-    def new_client() -> redis.Redis:
-        client = redis.Redis.from_url(redis_url)
-        clients.append(client)
-        return client
-
-    yield new_client
-    for client in clients:
-        client.close()
-    flush_database(redis_url)
 
 
 @pytest.fixture

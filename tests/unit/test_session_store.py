@@ -7,7 +7,7 @@ emptied before and after each such test."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import fakeredis
@@ -27,7 +27,6 @@ from shared.domain.sessions import (
     VmView,
     open_session,
 )
-from tests.conftest import flush_database
 
 NOW = 1_700_000_000.0
 LIFETIME = 7200
@@ -80,23 +79,6 @@ def client() -> fakeredis.FakeRedis:
 @pytest.fixture
 def store(client: fakeredis.FakeRedis) -> RedisSessionStore:
     return RedisSessionStore(client)
-
-
-@pytest.fixture
-def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    """New connections to an empty database of the real Redis, as separate processes have."""
-    flush_database(redis_url)
-    clients: list[redis.Redis] = []
-
-    def new_client() -> redis.Redis:
-        client = redis.Redis.from_url(redis_url)
-        clients.append(client)
-        return client
-
-    yield new_client
-    for client in clients:
-        client.close()
-    flush_database(redis_url)
 
 
 # -- documents -------------------------------------------------------------------------------
