@@ -7,7 +7,6 @@ message naming the variable.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,12 +20,10 @@ from shared.cluster_config import (
     clusters_from_file,
     clusters_from_spec,
 )
+from shared.config_env import ConfigError, EnvReader
+from shared.config_limits import Limits, limits_from_env
 
-__all__ = ["Cluster", "ConfigError", "Mode", "Settings"]
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or malformed."""
+__all__ = ["Cluster", "ConfigError", "Limits", "Mode", "Settings"]
 
 
 class Mode(StrEnum):
@@ -90,10 +87,11 @@ class Settings:
     pool_max_warm_age_seconds: float = 4 * 3600.0
     # Each worker marks the regions it follows alive this often (for 3x as long).
     region_heartbeat_seconds: float = 5.0
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        env = _Env(os.environ if environ is None else environ)
+        env = EnvReader(os.environ if environ is None else environ)
         mode = env.choice("LABVIRT_MODE", [m.value for m in Mode], Mode.PRODUCTION.value)
         namespace = env.string("LABVIRT_NAMESPACE", "default")
         default_region = env.string("LABVIRT_DEFAULT_REGION", "local")
@@ -196,6 +194,7 @@ class Settings:
             region_heartbeat_seconds=env.number(
                 "LABVIRT_REGION_HEARTBEAT_SECONDS", cls.region_heartbeat_seconds, minimum=0.2
             ),
+            limits=limits_from_env(env),
         )
         settings.validate()
         return settings
@@ -234,7 +233,7 @@ class Settings:
         return tuple(c.region for c in self.clusters)
 
 
-def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluster, ...]:
+def _clusters(env: EnvReader, *, default_region: str, namespace: str) -> tuple[Cluster, ...]:
     """``LABVIRT_CLUSTERS_FILE`` (``shared.cluster_config``), else the one-line
     ``LABVIRT_CLUSTERS=eu=/k/eu.yaml,us=/k/us.yaml[@context]``, else one cluster.
 
@@ -261,77 +260,3 @@ def _clusters(env: _Env, *, default_region: str, namespace: str) -> tuple[Cluste
         return clusters_from_spec(spec, namespace=namespace)
     except ClusterConfigError as exc:
         raise ConfigError(f"LABVIRT_CLUSTERS: {exc}") from None
-
-
-class _Env:
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def _raw(self, name: str) -> str | None:
-        value = self._environ.get(name)
-        if value is None or not value.strip():
-            return None
-        return value.strip()
-
-    def string(self, name: str, default: str) -> str:
-        return self._raw(name) or default
-
-    def path(self, name: str) -> Path | None:
-        raw = self._raw(name)
-        return Path(raw).expanduser() if raw else None
-
-    def tokens(self, name: str) -> frozenset[str]:
-        raw = self._raw(name) or ""
-        tokens = frozenset(t.strip() for t in raw.split(",") if t.strip())
-        short = [t for t in tokens if len(t) < 16]
-        if short:
-            raise ConfigError(f"{name}: every token must be at least 16 characters long")
-        return tokens
-
-    def integer(
-        self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int:
-        value = self.optional_integer(name, minimum=minimum, maximum=maximum)
-        return default if value is None else value
-
-    def optional_integer(
-        self, name: str, *, minimum: int | None = None, maximum: int | None = None
-    ) -> int | None:
-        raw = self._raw(name)
-        if raw is None:
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-        _check_range(name, value, minimum, maximum)
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float | None = None) -> float:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not math.isfinite(value):  # nan passes every range check; inf is no duration
-            raise ConfigError(f"{name}={raw!r} is not a finite number")
-        _check_range(name, value, minimum, None)
-        return value
-
-    def choice(self, name: str, allowed: list[str], default: str, *, upper: bool = False) -> str:
-        raw = self._raw(name)
-        if raw is None:
-            return default
-        value = raw.upper() if upper else raw.lower()
-        if value not in allowed:
-            raise ConfigError(f"{name}={raw!r} must be one of: {', '.join(allowed)}")
-        return value
-
-
-def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{name}={value} is below the minimum of {minimum}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}={value} is above the maximum of {maximum}")
