@@ -34,9 +34,13 @@ class OpsError(Exception):
 class AdminApi:
     def __init__(self, environ: Mapping[str, str]) -> None:
         host = environ.get("LABVIRT_API_HOST") or "127.0.0.1"
-        host = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - a listen address
+        if host == "0.0.0.0":  # noqa: S104 - a listen address, not one to call  # nosec B104
+            host = "127.0.0.1"
         default = f"http://{host}:{environ.get('LABVIRT_API_PORT') or 8080}"
         self.url = (environ.get("LABVIRT_API_URL") or default).rstrip("/")
+        if urllib.parse.urlsplit(self.url).scheme not in {"http", "https"}:
+            # urlopen would also read file: and other schemes: only the API is asked.
+            raise OpsError(f"LABVIRT_API_URL={self.url!r} is not an http:// or https:// URL")
         tokens = environ.get("LABVIRT_ADMIN_TOKEN") or environ.get("LABVIRT_ADMIN_TOKENS") or ""
         self.token = tokens.split(",")[0].strip()
         if not self.token:
@@ -55,7 +59,8 @@ class AdminApi:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            # http(s) only: the scheme is checked when the URL is read.
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310  # nosec B310
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise OpsError(_api_error(exc)) from exc
@@ -72,11 +77,15 @@ def _user() -> str:
 
 
 def _api_error(exc: urllib.error.HTTPError) -> str:
+    """The API's problem (RFC 9457) as an operator reads it: status, code, detail, and what
+    was wrong with which field."""
     try:
-        error = json.loads(exc.read())["error"]
-        return f"{exc.code} {error['code']}: {error['message']}"
+        problem = json.loads(exc.read())
+        said = f"{exc.code} {problem['code']}: {problem['detail']}"
+        fields = [f"\n  {e['pointer']}: {e['detail']}" for e in problem.get("errors", [])]
     except (ValueError, KeyError, TypeError):
         return f"{exc.code} {exc.reason}"
+    return said + "".join(fields)
 
 
 def table(

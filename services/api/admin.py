@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from services.api.context import admin_caller, body, runtime
+from services.api.admin_schemas import PoolAnswer, PoolsAnswer
+from services.api.context import admin_caller, body, query, runtime
 from services.api.errors import ApiError, invalid_request
+from services.api.openapi import OPERATORS, documented
+from services.api.pool_budget import check_pool_budget
+from services.api.schemas import StrictBoolean
 from shared.adapters.pool_counters import hit_rate
 from shared.adapters.pool_store import RedisPoolStore
 from shared.domain.pools.config import (
@@ -33,16 +37,6 @@ from shared.runtime import Runtime
 admin = Blueprint("admin", __name__)
 
 _SIZE = validate.Range(min=0, max=MAX_POOL_SIZE)
-
-
-class StrictBoolean(fields.Boolean):
-    """JSON true or false only: 1, "yes" or "true" are typos in an operator's request."""
-
-    # marshmallow's signature; only the value matters here.
-    def _deserialize(self, value: Any, *args: Any, **kwargs: Any) -> bool:  # noqa: ARG002
-        if not isinstance(value, bool):
-            raise self.make_error("invalid", input=value)
-        return value
 
 
 class PoolUpdate(Schema):
@@ -73,6 +67,13 @@ class PoolUpdate(Schema):
             raise ValidationError("min, max and hit_rate size adaptive pools, not static ones")
 
 
+class PoolQuery(Schema):
+    class Meta:
+        unknown = RAISE
+
+    region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
+
+
 class GlobalPause(Schema):
     class Meta:
         unknown = RAISE
@@ -80,13 +81,23 @@ class GlobalPause(Schema):
     paused = StrictBoolean(required=True)
 
 
-def _store(rt: Runtime) -> RedisPoolStore:
+def pool_store(rt: Runtime) -> RedisPoolStore:
     if rt.pools is None:
         raise ApiError(503, "unavailable", "warm pools are not available on this deployment")
     return rt.pools
 
 
-def _region(rt: Runtime, given: str | None) -> str:
+def require_template(rt: Runtime, template: str) -> None:
+    if template not in rt.templates:
+        raise ApiError(
+            404,
+            "unknown_template",
+            f"no template named {template!r}",
+            details={"templates": sorted(rt.templates)},
+        )
+
+
+def pool_region(rt: Runtime, given: str | None) -> str:
     region = given or rt.settings.default_region
     if region not in rt.settings.regions:
         raise ApiError(
@@ -104,25 +115,22 @@ def _pool_view(
     template = rt.templates[key.template]
     config = store.config(key, default=template.pool)
     snapshot = store.snapshot(key)
-    if config.mode is PoolMode.STATIC:
-        target = config.size
-    else:
-        target = snapshot.target if snapshot.target is not None else config.min_size
+    target = config.target(snapshot.target)
     claims, misses = store.counters.last_hour(key, now=rt.clock())
     return {
         "template": key.template,
         "region": key.region,
-        "mode": config.mode.value,
+        "mode": config.mode,
         "target": target,
         "ready": len(snapshot.ready),
         "in_flight": len(snapshot.booting),
         "paused": config.paused or paused_all,
         "hit_rate_1h": hit_rate(claims, misses),
-        "config": config.to_dict(),
+        "config": config,
     }
 
 
-def _pools_body(rt: Runtime, store: RedisPoolStore) -> dict[str, Any]:
+def pools_body(rt: Runtime, store: RedisPoolStore) -> dict[str, Any]:
     paused_all = store.globally_paused()
     return {
         "paused": paused_all,
@@ -135,40 +143,60 @@ def _pools_body(rt: Runtime, store: RedisPoolStore) -> dict[str, Any]:
 
 
 @admin.get("/v1/admin/pools")
+@documented(summary="Every warm pool", answers={200: PoolsAnswer}, security=OPERATORS)
 def list_pools() -> Response:
     admin_caller()
     rt = runtime()
-    return jsonify(_pools_body(rt, _store(rt)))
+    return jsonify(PoolsAnswer().dump(pools_body(rt, pool_store(rt))))
 
 
 @admin.put("/v1/admin/pools")
+@documented(
+    summary="Pause or resume every pool",
+    answers={200: PoolsAnswer},
+    security=OPERATORS,
+    body=GlobalPause,
+)
 def pause_all_pools() -> Response:
     admin_caller()
     rt = runtime()
-    store = _store(rt)
+    store = pool_store(rt)
     data = body(GlobalPause, require_json=True)
     store.set_globally_paused(data["paused"])
-    return jsonify(_pools_body(rt, store))
+    return jsonify(PoolsAnswer().dump(pools_body(rt, store)))
 
 
 @admin.put("/v1/admin/pools/<template>")
+@documented(
+    summary="Size, switch or pause one pool (the default region's unless named)",
+    answers={200: PoolAnswer},
+    security=OPERATORS,
+    body=PoolUpdate,
+    query=PoolQuery,
+    errors={
+        404: "`unknown_template`.",
+        422: "`unknown_region`; `pool_budget_exceeded`: the region's pools would hold more VMs"
+        " than its budget.",
+    },
+)
 def configure_pool(template: str) -> Response:
     admin_caller()
     rt = runtime()
-    store = _store(rt)
-    if template not in rt.templates:
-        raise ApiError(
-            404,
-            "unknown_template",
-            f"no template named {template!r}",
-            details={"templates": sorted(rt.templates)},
-        )
+    store = pool_store(rt)
+    require_template(rt, template)
     data = body(PoolUpdate, require_json=True)
-    query_region = request.args.get("region") or None
+    query_region = query(PoolQuery)["region"]
     if query_region and data["region"] and query_region != data["region"]:
         raise invalid_request({"region": ["the query and the body name different regions"]})
-    key = PoolKey(_region(rt, query_region or data["region"]), template)
-    current = store.config(key, default=rt.templates[template].pool)
+    key = PoolKey(pool_region(rt, query_region or data["region"]), template)
+    change_pool(rt, store, key, data)
+    return jsonify(PoolAnswer().dump(_pool_view(rt, store, key, store.globally_paused())))
+
+
+def change_pool(rt: Runtime, store: RedisPoolStore, key: PoolKey, data: dict[str, Any]) -> None:
+    """Apply a loaded ``PoolUpdate`` to one pool, within the region's pool budget (the
+    admin API and the operators' dashboard both change pools through here)."""
+    current = store.config(key, default=rt.templates[key.template].pool)
     try:
         updated = current.changed(
             size=data["size"],
@@ -181,5 +209,5 @@ def configure_pool(template: str) -> Response:
     except InvalidPoolConfig as exc:
         raise invalid_request({"pool": [str(exc)]}) from exc
     if updated != current:
+        check_pool_budget(rt, store, key, current=current, updated=updated)
         store.set_config(key, updated)
-    return jsonify(_pool_view(rt, store, key, store.globally_paused()))

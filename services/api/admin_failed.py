@@ -20,21 +20,33 @@ from typing import Any, Final
 from flask import Blueprint, Response, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
 
-from services.api.context import admin_caller, body, runtime
-from services.api.errors import ApiError, invalid_request
-from services.api.schemas import session_body
+from services.api.admin_schemas import (
+    FAILURE_ID_PATTERN,
+    AdminSessionsAnswer,
+    FailureAnswer,
+    FailurePageAnswer,
+    PurgedAnswer,
+    RequeuedAnswer,
+    RequeuedManyAnswer,
+)
+from services.api.context import admin_caller, body, query, runtime
+from services.api.errors import ApiError, invalid_query
+from services.api.openapi import OPERATORS, documented, header
 from shared.adapters.dead_letters import DeadLetter, Filter, Status
 from shared.domain.sessions import IllegalTransition, SessionState
 from shared.jobs import PROVISION
 
 admin_failed = Blueprint("admin_failed", __name__)
 
-_FAILURE_ID: Final = re.compile(r"f-[0-9a-f]{20}")
+_FAILURE_ID: Final = re.compile(FAILURE_ID_PATTERN)
 _STATUSES: Final = (Status.FAILED, Status.REQUEUED, Status.RESOLVED)
 MAX_PAGE: Final = 500
+_PAGE_SIZE: Final = validate.Range(min=1, max=MAX_PAGE, error="a whole number from {min} to {max}")
 
 
 class FailedFilter(Schema):
+    """Which records: the body of a bulk requeue, and the filters of the list's query."""
+
     class Meta:
         unknown = RAISE
 
@@ -44,18 +56,33 @@ class FailedFilter(Schema):
     region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
 
 
-def _summary(letter: DeadLetter) -> dict[str, Any]:
-    return {
-        "id": letter.id,
-        "task": letter.task,
-        "status": letter.status,
-        "error": letter.error,
-        "attempts": letter.attempts,
-        "first_failed_at": letter.first_failed_at,
-        "last_failed_at": letter.last_failed_at,
-        "concerns": letter.concerns,
-        "requeues": len(letter.requeues),
-    }
+class FailedQuery(FailedFilter):
+    """``GET /v1/admin/failed``'s query: the filters, and a page."""
+
+    limit = fields.Integer(strict=False, load_default=50, validate=_PAGE_SIZE)
+    before = fields.Float(
+        load_default=None,
+        allow_nan=False,
+        metadata={"description": "the next_before of the previous page"},
+    )
+
+
+class SessionsQuery(Schema):
+    class Meta:
+        unknown = RAISE
+
+    user = fields.String(load_default=None, validate=validate.Length(min=1, max=128))
+    template = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
+    region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
+    state = fields.Enum(SessionState, by_value=True, load_default=None)
+    limit = fields.Integer(load_default=100, validate=_PAGE_SIZE)
+
+
+OPERATOR: Final = header(
+    "X-Labvirt-Operator",
+    "who asks, recorded with the requeue (letters, digits and _.@- are kept)",
+    type="string",
+)
 
 
 def _filter(source: dict[str, Any]) -> Filter:
@@ -67,29 +94,23 @@ def _filter(source: dict[str, Any]) -> Filter:
     )
 
 
-def _query_filter() -> Filter:
-    args = {key: request.args.get(key) for key in ("task", "status", "session", "region")}
-    errors = FailedFilter().validate({k: v for k, v in args.items() if v is not None})
-    if errors:
-        raise invalid_request(errors, "the query is invalid")
-    return _filter(args)
-
-
-def _int_arg(name: str, default: int, *, maximum: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
-        raise invalid_request({name: [f"a whole number from 1 to {maximum}"]}, "bad query")
-    return int(raw)
-
-
 def _requester() -> str:
     who = admin_caller()
-    fingerprint = hashlib.sha256(who.token.encode()).hexdigest()[:8]
-    operator = request.headers.get("X-Labvirt-Operator", "")[:64]
-    operator = re.sub(r"[^A-Za-z0-9_.@-]", "", operator)
-    return f"{operator} (admin {fingerprint})" if operator else f"admin {fingerprint}"
+    digest = hashlib.sha256(who.token.encode()).hexdigest()
+    return requested_by(digest, request.headers.get("X-Labvirt-Operator", ""))
+
+
+def operator_name(given: str) -> str:
+    """The operator's name as a requeue records it: letters, digits and ``_.@-``, 64 at most."""
+    return re.sub(r"[^A-Za-z0-9_.@-]", "", given[:64])
+
+
+def requested_by(token_digest: str, operator: str) -> str:
+    """Who asked for a requeue: the operator's name, if given, and the admin token's
+    fingerprint (the first 8 hex digits of its SHA-256)."""
+    fingerprint = token_digest[:8]
+    name = operator_name(operator)
+    return f"{name} (admin {fingerprint})" if name else f"admin {fingerprint}"
 
 
 def _letter(failure_id: str) -> DeadLetter:
@@ -100,29 +121,32 @@ def _letter(failure_id: str) -> DeadLetter:
 
 
 @admin_failed.get("/v1/admin/failed")
+@documented(
+    summary="Tasks that failed for good, newest first",
+    answers={200: FailurePageAnswer},
+    security=OPERATORS,
+    query=FailedQuery,
+)
 def list_failed() -> Response:
     admin_caller()
-    where = _query_filter()
-    limit = _int_arg("limit", 50, maximum=MAX_PAGE)
-    before_raw = request.args.get("before")
-    try:
-        before = None if before_raw is None else float(before_raw)
-    except ValueError as exc:
-        raise invalid_request({"before": ["a cursor from next_before"]}, "bad query") from exc
-    letters, cursor = runtime().dead_letters.list(where, limit=limit, before=before)
-    return jsonify(
-        {
-            "failed": [_summary(letter) for letter in letters],
-            "next_before": cursor,
-            "total": runtime().dead_letters.count(),
-        }
+    wanted = query(FailedQuery)
+    letters, cursor = runtime().dead_letters.list(
+        _filter(wanted), limit=wanted["limit"], before=wanted["before"]
     )
+    page = {"failed": letters, "next_before": cursor, "total": runtime().dead_letters.count()}
+    return jsonify(FailurePageAnswer().dump(page))
 
 
 @admin_failed.get("/v1/admin/failed/<failure_id>")
+@documented(
+    summary="One record, whole",
+    answers={200: FailureAnswer},
+    security=OPERATORS,
+    errors={404: "`failure_not_found`."},
+)
 def show_failed(failure_id: str) -> Response:
     admin_caller()
-    return jsonify(_letter(failure_id).to_dict())
+    return jsonify(FailureAnswer().dump(_letter(failure_id)))
 
 
 def _ready_to_run(letter: DeadLetter) -> None:
@@ -145,17 +169,40 @@ def _ready_to_run(letter: DeadLetter) -> None:
 
 
 @admin_failed.post("/v1/admin/failed/<failure_id>/requeue")
+@documented(
+    summary="Queue the task again, once",
+    answers={200: RequeuedAnswer},
+    security=OPERATORS,
+    headers=(OPERATOR,),
+    errors={
+        404: "`failure_not_found`.",
+        409: "`session_not_reopenable`: the failed session's lifetime is over.",
+    },
+)
 def requeue_failed(failure_id: str) -> Response:
-    by = _requester()
+    letter, queued = requeue_failure(failure_id, by=_requester())
+    return jsonify(RequeuedAnswer().dump({"requeued": queued, "failed": letter}))
+
+
+def requeue_failure(failure_id: str, *, by: str) -> tuple[DeadLetter, bool]:
+    """Queue a recorded task again, once: (the record, whether it was queued now). The admin
+    API and the operators' dashboard both requeue through here."""
     rt = runtime()
     _ready_to_run(_letter(failure_id))
     letter, queued = rt.dead_letters.requeue(failure_id, by=by, enqueue=rt.queue.enqueue)
     if letter is None:
         raise ApiError(404, "failure_not_found", "no such failed task")
-    return jsonify({"requeued": queued, "failed": letter.to_dict()})
+    return letter, queued
 
 
 @admin_failed.post("/v1/admin/failed/requeue")
+@documented(
+    summary="Requeue every matching record (status `failed` unless given)",
+    answers={200: RequeuedManyAnswer},
+    security=OPERATORS,
+    body=FailedFilter,
+    headers=(OPERATOR,),
+)
 def requeue_matching() -> Response:
     by = _requester()
     rt = runtime()
@@ -172,29 +219,39 @@ def requeue_matching() -> Response:
             continue
         _, queued = rt.dead_letters.requeue(letter.id, by=by, enqueue=rt.queue.enqueue)
         (requeued if queued else skipped).append(letter.id)
-    return jsonify({"requeued": requeued, "skipped": skipped})
+    return jsonify(RequeuedManyAnswer().dump({"requeued": requeued, "skipped": skipped}))
 
 
 @admin_failed.delete("/v1/admin/failed/<failure_id>")
+@documented(
+    summary="Purge a record",
+    answers={200: PurgedAnswer},
+    security=OPERATORS,
+    errors={404: "`failure_not_found`."},
+)
 def purge_failed(failure_id: str) -> tuple[Response, int]:
     admin_caller()
     _letter(failure_id)
     runtime().dead_letters.purge(failure_id)
-    return jsonify({"purged": failure_id}), 200
+    return jsonify(PurgedAnswer().dump({"purged": failure_id})), 200
 
 
 @admin_failed.get("/v1/admin/sessions")
+@documented(
+    summary="Sessions by filter, newest first",
+    answers={200: AdminSessionsAnswer},
+    security=OPERATORS,
+    query=SessionsQuery,
+)
 def list_sessions() -> Response:
     """Live sessions (and, with ``state=ended|failed``, recently finished ones) by filter."""
     admin_caller()
     rt = runtime()
-    wanted = {key: request.args.get(key) for key in ("user", "template", "region", "state")}
-    if wanted["state"] is not None and wanted["state"] not in {s.value for s in SessionState}:
-        raise invalid_request({"state": [f"one of {', '.join(s.value for s in SessionState)}"]})
+    wanted = query(SessionsQuery)
     if wanted["region"] is not None and wanted["region"] not in rt.settings.regions:
-        raise invalid_request({"region": [f"one of {', '.join(rt.settings.regions)}"]})
-    limit = _int_arg("limit", 100, maximum=MAX_PAGE)
-    finished = wanted["state"] in (SessionState.ENDED.value, SessionState.FAILED.value)
+        raise invalid_query({"region": [f"one of {', '.join(rt.settings.regions)}"]})
+    limit = wanted["limit"]
+    finished = wanted["state"] in (SessionState.ENDED, SessionState.FAILED)
     found = rt.sessions.finished_sessions(limit=5000) if finished else rt.sessions.live_sessions()
     matching = [
         session
@@ -202,9 +259,8 @@ def list_sessions() -> Response:
         if (wanted["user"] is None or session.user == wanted["user"])
         and (wanted["template"] is None or session.template == wanted["template"])
         and (wanted["region"] is None or session.region == wanted["region"])
-        and (wanted["state"] is None or session.state.value == wanted["state"])
+        and (wanted["state"] is None or session.state is wanted["state"])
     ]
     matching.sort(key=lambda s: s.created_at, reverse=True)
-    return jsonify(
-        {"sessions": [session_body(s) for s in matching[:limit]], "total": len(matching)}
-    )
+    answer = {"sessions": matching[:limit], "total": len(matching)}
+    return jsonify(AdminSessionsAnswer().dump(answer))

@@ -14,9 +14,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from marshmallow import RAISE, Schema
 
-from services.api.admin import StrictBoolean
+from services.api.admin_schemas import RegionAnswer, RegionsAnswer
 from services.api.context import admin_caller, body, runtime
 from services.api.errors import ApiError
+from services.api.openapi import OPERATORS, documented
+from services.api.schemas import StrictBoolean
 
 admin_regions = Blueprint("admin_regions", __name__)
 
@@ -29,18 +31,24 @@ class RegionUpdate(Schema):
 
 
 @admin_regions.get("/v1/admin/regions")
+@documented(
+    summary="Every region: load and flags", answers={200: RegionsAnswer}, security=OPERATORS
+)
 def list_regions() -> Response:
     admin_caller()
     rt = runtime()
-    return jsonify(
-        {
-            "default_region": rt.settings.default_region,
-            "regions": [o.to_dict() for o in rt.regions.overview()],
-        }
-    )
+    answer = {"default_region": rt.settings.default_region, "regions": rt.regions.overview()}
+    return jsonify(RegionsAnswer().dump(answer))
 
 
 @admin_regions.put("/v1/admin/regions/<region>")
+@documented(
+    summary="Drain a region, or bring it back",
+    answers={200: RegionAnswer},
+    security=OPERATORS,
+    body=RegionUpdate,
+    errors={404: "`unknown_region`."},
+)
 def update_region(region: str) -> Response:
     admin_caller()
     rt = runtime()
@@ -54,4 +62,4 @@ def update_region(region: str) -> Response:
     data = body(RegionUpdate, require_json=True)
     rt.regions.state.set_drained(region, data["drained"])
     [view] = [o for o in rt.regions.overview() if o.state.name == region]
-    return jsonify(view.to_dict())
+    return jsonify(RegionAnswer().dump(view))

@@ -5,9 +5,24 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import INCLUDE, RAISE, Schema, fields, post_dump, validate
 
-from shared.domain.sessions import Session
+from shared.domain.sessions import SessionState
+from shared.session_results import Opened
+
+# What ``shared.domain.sessions`` hands out: "s-" and 24 hex digits.
+SESSION_ID_PATTERN = r"^s-[0-9a-f]{24}$"
+
+
+class StrictBoolean(fields.Boolean):
+    """JSON true or false only: 1, "yes" or "true" are typos in a request (JSON bodies; a form
+    or beacon body carries no booleans)."""
+
+    # marshmallow's signature; only the value matters here.
+    def _deserialize(self, value: Any, *args: Any, **kwargs: Any) -> bool:  # noqa: ARG002
+        if not isinstance(value, bool):
+            raise self.make_error("invalid", input=value)
+        return value
 
 
 class LocationBody(Schema):
@@ -24,17 +39,23 @@ class CreateSessionRequest(Schema):
     class Meta:
         unknown = RAISE
 
-    template = fields.String(required=True, validate=validate.Length(min=1, max=63))
-    user = fields.String(required=True, validate=validate.Length(min=1, max=128))
+    template = fields.String(
+        required=True, validate=validate.Length(min=1, max=63), metadata={"example": "ubuntu"}
+    )
+    user = fields.String(
+        required=True,
+        validate=validate.Length(min=1, max=128),
+        metadata={"description": "the learner, as the platform names them", "example": "alice"},
+    )
     # Where: at most one of an explicit region, a location and a country (ISO 3166 alpha-2).
     region = fields.String(load_default=None, validate=validate.Length(min=1, max=63))
     location = fields.Nested(LocationBody, load_default=None)
     country = fields.String(
         load_default=None,
-        validate=validate.Regexp(r"^[A-Za-z]{2}$", error="expected a two-letter country code"),
+        validate=validate.Regexp(r"[A-Za-z]{2}\Z", error="expected a two-letter country code"),
     )
     # Close the user's live sessions and open a new one, instead of a reconnect or a 409.
-    replace = fields.Boolean(load_default=False)
+    replace = StrictBoolean(load_default=False)
 
 
 class TokenBody(Schema):
@@ -43,36 +64,125 @@ class TokenBody(Schema):
     class Meta:
         unknown = RAISE
 
-    token = fields.String(load_default=None, validate=validate.Length(min=1, max=256))
+    # The alphabet of session tokens (URL-safe base64); ``\Z`` because Regexp only anchors
+    # the start, and ``$`` would let a trailing newline through.
+    token = fields.String(
+        load_default=None,
+        validate=validate.Regexp(
+            r"[A-Za-z0-9_-]{1,256}\Z", error="a session token: 1-256 of A-Z a-z 0-9 _ -"
+        ),
+    )
 
 
 def timestamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def session_body(session: Session, *, token: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "id": session.id,
-        "user": session.user,
-        "template": session.template,
-        "region": session.region,
-        "state": session.state.value,
-        "warm": session.warm,
-        "created_at": timestamp(session.created_at),
-        "expires_at": timestamp(session.expires_at),
-        "idle_expires_at": timestamp(session.idle_expires_at),
-        # How far extensions can go (null: the session cannot be extended).
-        "hard_expires_at": (
-            None if session.hard_expires_at is None else timestamp(session.hard_expires_at)
-        ),
-        "vms": [vm.to_dict() for vm in session.vms],
-        "history": [
-            {"state": t.state.value, "at": timestamp(t.at), "reason": t.reason}
-            for t in session.history
-        ],
-    }
-    if session.reason is not None:
-        body["reason"] = session.reason
-    if token is not None:
-        body["token"] = token
-    return body
+class Answer(Schema):
+    """A response body. Dumped, never loaded; answers may gain members, which clients ignore,
+    so the document says ``additionalProperties: true``."""
+
+    class Meta:
+        unknown = INCLUDE
+
+
+class Timestamp(fields.DateTime):
+    """Seconds since the epoch, answered as RFC 3339 in UTC: ``2026-01-02T03:04:05Z``."""
+
+    # marshmallow's signature; the value is all that matters.
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any) -> str | None:  # noqa: ARG002
+        return None if value is None else timestamp(float(value))
+
+
+class VmAnswer(Answer):
+    name = fields.String(required=True)
+    hostname = fields.String(required=True, metadata={"description": "its name in the session"})
+    ip = fields.String(required=True, allow_none=True)
+    phase = fields.String(required=True, metadata={"example": "Running"})
+    ready = fields.Boolean(required=True)
+
+
+class TransitionAnswer(Answer):
+    state = fields.Enum(SessionState, by_value=True, required=True)
+    at = Timestamp(required=True)
+    reason = fields.String(required=True, allow_none=True)
+
+
+class SessionAnswer(Answer):
+    """A session as its learner's frontend sees it."""
+
+    # Members left out of the answer rather than sent as null.
+    omitted_when_null: tuple[str, ...] = ("reason",)
+
+    id = fields.String(required=True, metadata={"pattern": SESSION_ID_PATTERN})
+    user = fields.String(required=True)
+    template = fields.String(required=True)
+    region = fields.String(required=True)
+    state = fields.Enum(SessionState, by_value=True, required=True)
+    warm = fields.Boolean(required=True, metadata={"description": "handed out from a warm pool"})
+    created_at = Timestamp(required=True)
+    expires_at = Timestamp(required=True)
+    idle_expires_at = Timestamp(required=True)
+    hard_expires_at = Timestamp(
+        required=True,
+        allow_none=True,
+        metadata={"description": "how far extensions can go (null: none allowed)"},
+    )
+    vms = fields.List(fields.Nested(VmAnswer), required=True)
+    history = fields.List(fields.Nested(TransitionAnswer), required=True)
+    reason = fields.String(metadata={"description": "why a failed or ended session stopped"})
+
+    @post_dump
+    def drop_nulls(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if v is not None or k not in self.omitted_when_null}
+
+
+class OpenedSessionAnswer(SessionAnswer):
+    """``POST /v1/sessions``: the session, where it went and why, and its token when new."""
+
+    omitted_when_null = ("reason", "token")
+    _OPENING = frozenset({"token", "reconnected", "region_reason"})
+
+    token = fields.String(
+        metadata={"description": "the session token, handed out once: in the 201 answer only"}
+    )
+    reconnected = fields.Boolean(
+        required=True, metadata={"description": "true: the user's own session, opened before"}
+    )
+    region_reason = fields.String(required=True, allow_none=True)
+
+    def get_attribute(self, obj: Opened, attr: str, default: Any) -> Any:
+        source = obj if attr in self._OPENING else obj.session
+        return super().get_attribute(source, attr, default)
+
+
+class TicketAnswer(Answer):
+    ticket = fields.String(required=True)
+    expires_at = Timestamp(required=True)
+
+
+class TemplateVmAnswer(Answer):
+    name = fields.String(required=True)
+    hostname = fields.String(required=True)
+    cpu_cores = fields.Integer(required=True)
+    memory = fields.String(required=True, metadata={"example": "2Gi"})
+
+
+class TemplateAnswer(Answer):
+    """A template with the clocks this deployment runs it with."""
+
+    name = fields.String(required=True)
+    description = fields.String(required=True)
+    max_lifetime_seconds = fields.Integer(required=True)
+    idle_timeout_seconds = fields.Integer(required=True)
+    vms = fields.List(fields.Nested(TemplateVmAnswer), required=True)
+
+
+class TemplatesAnswer(Answer):
+    templates = fields.List(fields.Nested(TemplateAnswer), required=True)
+    regions = fields.List(fields.String(), required=True)
+    default_region = fields.String(required=True)
+
+
+class HealthAnswer(Answer):
+    status = fields.String(required=True, validate=validate.OneOf(["ok"]))

@@ -2,43 +2,61 @@
 
 A terminal opens only with a one-time ticket (``?ticket=``): a session token is never accepted
 in a terminal URL. An event stream takes a ticket too, or a bearer token in a header; the old
-``?token=`` still works for one release and is logged as deprecated. Errors are answered as
-JSON with an HTTP status before any upgrade, the same shape as the API's.
+``?token=`` still works for one release and is logged as deprecated. Errors are answered
+before any upgrade, as ``application/problem+json`` of the same shape as the API's.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from http import HTTPStatus
 from typing import Any, Final
 
 import redis.asyncio
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from shared.adapters.session_store import session_key
 from shared.adapters.tickets import redeem_ticket
 from shared.config import Settings
-from shared.credentials import Role, identify, parse_bearer
+from shared.credentials import Role, identify, is_well_formed, parse_bearer
 from shared.domain.sessions import Session
+from shared.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 log = structlog.get_logger(__name__)
 
 _SESSION_ID: Final = re.compile(r"s-[0-9a-f]{24}")
 
 
-def error(status: int, code: str, message: str, **details: Any) -> web.HTTPException:
-    """An HTTP error with labvirt's JSON error body."""
-    body: dict[str, Any] = {"error": {"code": code, "message": message}}
-    if details:
-        body["error"]["details"] = details
+def error(status: int, code: str, message: str, **context: Any) -> web.HTTPException:
+    """An HTTP error with labvirt's problem body; ``context`` members join it."""
     exception = web.HTTPException(
-        text=json.dumps(body),
-        content_type="application/json",
+        text=json.dumps(problem_body(status, code, message, context=context)),
+        content_type=PROBLEM_MEDIA_TYPE,
         headers={"Cache-Control": "no-store"},
     )
     exception.set_status(status)
     return exception
+
+
+@web.middleware
+async def problem_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (an unknown path, a wrong method, a body too large) in the same
+    problem shape as labvirt's."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < HTTPStatus.BAD_REQUEST or exc.content_type == PROBLEM_MEDIA_TYPE:
+            raise
+        default_text = f"{exc.status}: {exc.reason}"
+        detail = exc.text if exc.text and exc.text != default_text else exc.reason
+        problem = error(exc.status, exc.reason.lower().replace(" ", "_"), detail)
+        for name, value in exc.headers.items():  # a 405 keeps its Allow
+            if name.lower() not in ("content-type", "content-length"):
+                problem.headers.setdefault(name, value)
+        raise problem from exc
 
 
 def not_found() -> web.HTTPException:
@@ -88,7 +106,7 @@ async def admit(
     if token is None and "token" in query:
         token = query["token"]
         log.warning("events.token_in_url_deprecated", session_id=session_id)
-    if not token:
+    if not token or not is_well_formed(token):
         raise error(401, "unauthorized", "missing credentials: a ticket or a bearer token")
     caller = identify(token, frontend=settings.frontend_tokens, admin=settings.admin_tokens)
     session = await load_session(client, session_id)

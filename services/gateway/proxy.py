@@ -2,6 +2,8 @@
 
 Used by ``labvirt dev`` (``LABVIRT_GATEWAY_API_URL``), where the learner page, the API, the
 event streams and the terminals share one address, as an ingress gives them in production.
+That includes the operators' dashboard at ``/ui/ops``: the API's, not the learner page's
+(``services.gateway.ui`` leaves it to this proxy).
 Hop-by-hop headers are dropped; the client's address goes on in ``X-Forwarded-For``.
 """
 
@@ -11,6 +13,9 @@ from typing import Final
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
+
+from shared.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 _HOP_BY_HOP: Final = frozenset(
     {
@@ -66,10 +71,14 @@ class ApiProxy:
                 allow_redirects=False,
             ) as upstream:
                 payload = await upstream.read()
-                answer = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+                # A multidict: an answer may set several cookies (the operators' dashboard).
+                answer = CIMultiDict(
+                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
+                )
                 return web.Response(status=upstream.status, body=payload, headers=answer)
         except aiohttp.ClientError as exc:
             return web.json_response(
-                {"error": {"code": "api_unavailable", "message": f"the API did not answer: {exc}"}},
+                problem_body(502, "api_unavailable", f"the API did not answer: {exc}"),
                 status=502,
+                content_type=PROBLEM_MEDIA_TYPE,
             )

@@ -9,6 +9,9 @@ A real frontend creates sessions server to server with its frontend token. This 
 server of its own, so in dev mode only the gateway offers ``POST /ui/dev/sessions``, which
 creates the session with the configured frontend token and hands the page its session token:
 nothing to paste, nothing in a URL. In production that route does not exist.
+
+``/ui/ops``, the operators' dashboard, is the API's: the ingress routes it there, and here no
+route of the learner page matches it, so ``labvirt dev``'s proxy hands it to the API.
 """
 
 from __future__ import annotations
@@ -22,12 +25,11 @@ import structlog
 from aiohttp import web
 
 from shared.config import Mode, Settings
+from shared.problems import PROBLEM_MEDIA_TYPE, problem_body
 
 log = structlog.get_logger(__name__)
 
 PAGE_DIR: Final = Path(__file__).resolve().parent / "ui"
-# npm installs next to pyproject.toml (``make install``); a container image copies it there.
-NODE_MODULES: Final = Path(__file__).resolve().parents[2] / "node_modules"
 VENDOR: Final = {
     "xterm.js": "@xterm/xterm/lib/xterm.js",
     "xterm.css": "@xterm/xterm/css/xterm.css",
@@ -45,7 +47,7 @@ def add_ui_routes(app: web.Application, settings: Settings) -> None:
         relative = VENDOR.get(request.match_info["name"])
         if relative is None:
             raise web.HTTPNotFound()
-        path = NODE_MODULES / relative
+        path = settings.node_modules / relative
         if not path.is_file():
             log.error("ui.vendor_missing", path=str(path), hint="run `make install` (npm ci)")
             raise web.HTTPNotFound(text=f"{relative} is not installed: run `make install`")
@@ -69,12 +71,18 @@ def add_dev_session_route(app: web.Application, settings: Settings) -> None:
     async def create(request: web.Request) -> web.Response:
         try:
             body: Any = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's stack
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("template"), str):
             return web.json_response(
-                {"error": {"code": "invalid_request", "message": 'send {"template": NAME}'}},
+                problem_body(
+                    400,
+                    "invalid_request",
+                    'send {"template": NAME}',
+                    errors=[{"pointer": "/template", "detail": "a template name is required"}],
+                ),
                 status=400,
+                content_type=PROBLEM_MEDIA_TYPE,
             )
         user = request.cookies.get(USER_COOKIE) or f"learner-{secrets.token_hex(4)}"
         async with (
@@ -86,7 +94,10 @@ def add_dev_session_route(app: web.Application, settings: Settings) -> None:
             ) as answer,
         ):
             payload = await answer.json()
-        response = web.json_response(payload, status=answer.status)
+        # The API's own media type: a problem stays application/problem+json.
+        response = web.json_response(
+            payload, status=answer.status, content_type=answer.content_type
+        )
         response.set_cookie(USER_COOKIE, user, httponly=True, samesite="Strict", path="/ui")
         return response
 
@@ -95,7 +106,9 @@ def add_dev_session_route(app: web.Application, settings: Settings) -> None:
             aiohttp.ClientSession() as http,
             http.get(f"{api}/v1/templates", headers={"Authorization": f"Bearer {token}"}) as answer,
         ):
-            return web.json_response(await answer.json(), status=answer.status)
+            return web.json_response(
+                await answer.json(), status=answer.status, content_type=answer.content_type
+            )
 
     app.router.add_post("/ui/dev/sessions", create)
     app.router.add_get("/ui/dev/templates", templates)

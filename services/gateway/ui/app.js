@@ -14,7 +14,7 @@ async function api(method, path, body) {
     method, headers, body: body === undefined ? undefined : JSON.stringify(body),
   });
   const payload = response.status === 204 ? null : await response.json();
-  if (!response.ok) throw new Error(payload?.error?.message || `HTTP ${response.status}`);
+  if (!response.ok) throw new Error(payload?.detail || `HTTP ${response.status}`);
   return payload;
 }
 
@@ -55,7 +55,7 @@ async function start(template) {
   const session = await response.json().catch(() => null);
   if (!response.ok) {
     // Back to the picker, to try again or pick another.
-    say(session?.error?.message || `Could not start ${template} (HTTP ${response.status}).`);
+    say(session?.detail || `Could not start ${template} (HTTP ${response.status}).`);
     $("progress").hidden = true;
     $("picker").hidden = false;
     return;
