@@ -35,6 +35,8 @@ class Limits:
     creates_per_frontend_token: Rate | None = Rate(600, 60.0)
     # Browser-facing calls (heartbeat, close, extend, tickets, event streams) per client IP.
     browser_per_ip: Rate | None = Rate(300, 60.0)
+    # Sign-in attempts on the operators' dashboard (/ui/ops) per client IP.
+    sign_ins_per_ip: Rate | None = Rate(10, 60.0)
     # Proxies whose X-Forwarded-For is believed; from anyone else the peer address counts.
     trusted_proxies: tuple[IpNetwork, ...] = ()
     # Per region: live sessions, environments booting at once (sessions and pools alike),
@@ -52,6 +54,7 @@ def limits_from_env(env: EnvReader) -> Limits:
             env, "LABVIRT_LIMIT_CREATES_PER_FRONTEND_TOKEN", defaults.creates_per_frontend_token
         ),
         browser_per_ip=_rate(env, "LABVIRT_LIMIT_BROWSER_PER_IP", defaults.browser_per_ip),
+        sign_ins_per_ip=_rate(env, "LABVIRT_LIMIT_SIGN_INS_PER_IP", defaults.sign_ins_per_ip),
         trusted_proxies=_networks(env, "LABVIRT_TRUSTED_PROXIES"),
         region_max_live_sessions=env.integer(
             "LABVIRT_REGION_MAX_LIVE_SESSIONS", defaults.region_max_live_sessions, minimum=1

@@ -39,11 +39,14 @@ def build_prewarmer(runtime: Runtime) -> Prewarmer | None:
             batch=settings.prewarm_batch,
             max_in_flight=settings.prewarm_max_in_flight,
             max_warm_age=settings.pool_max_warm_age_seconds,
+            region_max_booting=settings.limits.region_max_booting,
+            region_pool_budget_vms=settings.limits.region_pool_budget_vms,
         ),
         enqueue=runtime.queue.enqueue,
         clock=runtime.clock,
         claim_is_live=claim_is_live,
         drained_regions=lambda: runtime.regions.state.drained_regions(settings.regions),
+        sessions_booting=lambda region: runtime.sessions.live_counts([region], [])[region].booting,
     )
 
 

@@ -4,7 +4,9 @@ A region is *usable* for an environment of ``vms`` VMs when it is neither down (
 silent or its API unreachable) nor drained (an operator's flag), and has room: no
 ``capacity_vms``, or its VMs in use (sessions' and warm pools', booting ones included) plus
 ``vms`` stay within it. A ready warm environment of the template makes room by itself: claiming
-it adds no VM.
+it adds no VM. It must also be under its caps: fewer sessions than ``max_live_sessions``, and
+fewer environments booting than ``max_booting`` (a warm claim boots nothing, so a ready warm
+environment of the template passes that cap too).
 
 The rules (``choose_region``):
 
@@ -37,6 +39,8 @@ from shared.domain.country_centroids import COUNTRY_CENTROIDS
 EARTH_RADIUS_KM: Final = 6371.0088
 # How long a caller told "full" should wait before asking again (sessions end, pools shrink).
 FULL_RETRY_AFTER_SECONDS: Final = 30
+# A region at its cap of booting environments has room again as soon as a boot finishes.
+BOOTING_RETRY_AFTER_SECONDS: Final = 10
 
 
 class InvalidHint(ValueError):
@@ -96,6 +100,24 @@ class Unusable(StrEnum):
     DOWN = "down"
     DRAINED = "drained"
     FULL = "full"
+    SESSION_CAP = "session_cap"  # as many live sessions as the region may hold
+    BOOTING_CAP = "booting_cap"  # as many environments booting as the region may boot at once
+
+    @property
+    def retry_after(self) -> int | None:
+        """Seconds to wait before asking again; None when waiting will not help."""
+        return _RETRY_AFTER.get(self)
+
+
+_RETRY_AFTER: Final = {
+    Unusable.FULL: FULL_RETRY_AFTER_SECONDS,
+    Unusable.SESSION_CAP: FULL_RETRY_AFTER_SECONDS,
+    Unusable.BOOTING_CAP: BOOTING_RETRY_AFTER_SECONDS,
+}
+_DESCRIPTIONS: Final = {
+    Unusable.SESSION_CAP: "at its cap of live sessions",
+    Unusable.BOOTING_CAP: "at its cap of environments booting at once",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +131,10 @@ class RegionState:
     warm: int = 0  # ready warm environments of the requested template: a claim adds no VM
     down: bool = False
     drained: bool = False
+    live_sessions: int = 0  # sessions not yet ended
+    max_live_sessions: int | None = None  # None: no cap
+    booting: int = 0  # environments booting: sessions' (provisioning) and warm pools'
+    max_booting: int | None = None  # None: no cap
 
     def has_room(self, vms: int) -> bool:
         if self.capacity_vms is None or self.warm > 0:
@@ -122,6 +148,10 @@ class RegionState:
             return Unusable.DRAINED
         if not self.has_room(vms):
             return Unusable.FULL
+        if self.max_live_sessions is not None and self.live_sessions >= self.max_live_sessions:
+            return Unusable.SESSION_CAP
+        if self.max_booting is not None and self.booting >= self.max_booting and not self.warm:
+            return Unusable.BOOTING_CAP
         return None
 
 
@@ -162,8 +192,9 @@ class NoRegion(Exception):
     """No region can take the session now.
 
     ``region`` is the explicit region refused (None when labvirt was choosing); ``why`` the
-    reason that applies (``FULL`` when any passed-over region is only full: asking again later
-    may work); ``passed`` every region considered, in order, with why it was passed over.
+    reason that applies (a passing one, full or at a cap, when any passed-over region has one:
+    asking again later may work); ``passed`` every region considered, in order, with why it
+    was passed over.
     """
 
     def __init__(
@@ -182,7 +213,7 @@ class NoRegion(Exception):
 
     @property
     def retry_after(self) -> int | None:
-        return FULL_RETRY_AFTER_SECONDS if self.why is Unusable.FULL else None
+        return self.why.retry_after
 
 
 def choose_region(
@@ -262,7 +293,8 @@ def _first_usable(
         )
     names = ", ".join(f"{name} is {_describe(why)}" for name, why in passed) or "none is known"
     reasons = {why for _, why in passed}
-    why = Unusable.FULL if Unusable.FULL in reasons else (passed[0][1] if passed else Unusable.DOWN)
+    passing = [why for why in Unusable if why in reasons and why.retry_after is not None]
+    why = passing[0] if passing else (passed[0][1] if passed else Unusable.DOWN)
     raise NoRegion(
         f"no region can take it now: {names}", region=None, why=why, passed=tuple(passed)
     )
@@ -294,4 +326,4 @@ def _reason(
 
 
 def _describe(why: Unusable) -> str:
-    return why.value
+    return _DESCRIPTIONS.get(why, why.value)

@@ -64,6 +64,13 @@ class PoolConfig:
         if problems:
             raise InvalidPoolConfig("; ".join(problems))
 
+    def target(self, aimed_for: int | None) -> int:
+        """The target operators see: a static pool's size; an adaptive pool's last aim
+        (``aimed_for``, the prewarmer's), its ``min_size`` until it aimed at all."""
+        if self.mode is PoolMode.STATIC:
+            return self.size
+        return aimed_for if aimed_for is not None else self.min_size
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "mode": self.mode.value,

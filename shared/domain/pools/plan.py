@@ -53,6 +53,8 @@ class Blocked(StrEnum):
     PAUSED = "paused"
     CAPACITY = "capacity"  # VMIs of the region's pools wait for room: do not add more
     BACKOFF = "backoff"  # recent creations failed
+    BOOTING_CAP = "booting_cap"  # the region boots as many environments as it may at once
+    BUDGET = "budget"  # the region's pools hold as many VMs as its pool budget allows
 
 
 class RetireReason(StrEnum):
@@ -95,6 +97,8 @@ def plan_pool(
     health: PoolHealth,
     limits: PrewarmLimits,
     capacity_blocked: bool = False,
+    boot_room: int | None = None,
+    budget_room: int | None = None,
 ) -> PoolPlan:
     """Desired vs actual for one pool: level-triggered, so running it twice does no harm.
 
@@ -106,6 +110,9 @@ def plan_pool(
     - under target: create, at most a batch per tick and up to max_in_flight booting, never
       while paused, while the region has VMIs waiting for capacity, or while backing off
       from failures (then one probe at a time until a creation succeeds);
+    - the region's room bounds creation too: ``boot_room`` more environments may boot in it
+      now (its cap of boots at once), ``budget_room`` more of this pool's fit its pool budget
+      (None: no bound);
     - ready + booting never exceeds target + one batch.
     """
     if target < 0:
@@ -143,11 +150,13 @@ def plan_pool(
     create = min(create, max(0, target + limits.batch - held))
     blocked: Blocked | None = None
     if create > 0:
-        if paused:
-            blocked = Blocked.PAUSED
-        elif capacity_blocked or any(b.unschedulable for b in live):
-            blocked = Blocked.CAPACITY
-        elif health.failures > 0:
+        blocked = _held_back(
+            paused=paused,
+            capacity_blocked=capacity_blocked or any(b.unschedulable for b in live),
+            boot_room=boot_room,
+            budget_room=budget_room,
+        )
+        if blocked is None and health.failures > 0:
             waited = now - (health.last_failure_at or now)
             if waited < backoff_seconds(health.failures):
                 blocked = Blocked.BACKOFF
@@ -155,6 +164,9 @@ def plan_pool(
                 create = 1  # half open: one probe until a creation succeeds
     if blocked is not None:
         create = 0
+    for room in (boot_room, budget_room):
+        if room is not None:
+            create = min(create, max(0, room))
     return PoolPlan(
         target=target,
         create=create,
@@ -162,3 +174,18 @@ def plan_pool(
         ceiling=held + create,
         blocked=blocked,
     )
+
+
+def _held_back(
+    *, paused: bool, capacity_blocked: bool, boot_room: int | None, budget_room: int | None
+) -> Blocked | None:
+    """Why creation waits this tick whatever the pool's health, if it does."""
+    if paused:
+        return Blocked.PAUSED
+    if capacity_blocked:
+        return Blocked.CAPACITY
+    if boot_room is not None and boot_room <= 0:
+        return Blocked.BOOTING_CAP
+    if budget_room is not None and budget_room <= 0:
+        return Blocked.BUDGET
+    return None
