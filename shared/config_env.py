@@ -5,6 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
+
+from shared.token_strength import token_weakness
+
+MIN_TOKEN_LENGTH: Final = 16
 
 
 class ConfigError(ValueError):
@@ -29,12 +34,22 @@ class EnvReader:
         return Path(raw).expanduser() if raw else None
 
     def tokens(self, name: str) -> frozenset[str]:
+        """Comma-separated secrets, each refused unless strong (``shared.token_strength``);
+        a refusal says which one by its place in the list, never by its value."""
         raw = self._raw(name) or ""
-        tokens = frozenset(t.strip() for t in raw.split(",") if t.strip())
-        short = [t for t in tokens if len(t) < 16]
-        if short:
-            raise ConfigError(f"{name}: every token must be at least 16 characters long")
-        return tokens
+        tokens = [t.strip() for t in raw.split(",") if t.strip()]
+        if any(len(t) < MIN_TOKEN_LENGTH for t in tokens):
+            raise ConfigError(
+                f"{name}: every token must be at least {MIN_TOKEN_LENGTH} characters long"
+            )
+        for place, token in enumerate(tokens, start=1):
+            weakness = token_weakness(token)
+            if weakness is not None:
+                raise ConfigError(
+                    f"{name}: token {place} of {len(tokens)} {weakness}; generate one with "
+                    "`openssl rand -hex 32`"
+                )
+        return frozenset(tokens)
 
     def integer(
         self, name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
