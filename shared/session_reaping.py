@@ -3,8 +3,8 @@
 ``SessionLife.reap`` calls ``reap_due``: it reads only what is due (``ZRANGEBYSCORE ...
 LIMIT``) and settles each due session in one optimistic transaction (its new state, its
 re-indexed deadlines and its progress event commit together, for exactly one reaper), then
-queues the teardowns this caller won. The rules themselves are the domain's
-(``shared.domain.lifecycle.on_deadline``).
+queues the teardowns and the provisions asked again that this caller won. The rules themselves
+are the domain's (``shared.domain.lifecycle.on_deadline``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from shared.domain.lifecycle import (
     on_deadline,
 )
 from shared.domain.sessions import Session
-from shared.jobs import TEARDOWN, TaskQueue
+from shared.jobs import PROVISION, TEARDOWN, TaskQueue
 from shared.session_results import Reaped
 
 log = structlog.get_logger(__name__)
@@ -62,11 +62,18 @@ def reap_due(
                     state=outcome.session.state.value,
                     **outcome.detail,
                 )
+            elif outcome.effect is Effect.PROVISION:
+                # Nothing created yet, long after the ask: its worker most likely died holding
+                # the task, which would otherwise come back only after the visibility timeout.
+                reaped.provisions.append(session_id)
+                log.warning("session.provision_asked_again", session_id=session_id)
             else:
                 reaped.warnings.append(session_id)
                 log.info("session.expiring_soon", session_id=session_id, **outcome.detail)
     for closed in reaped.teardowns:
         queue.enqueue(TEARDOWN, {"session_id": closed})
+    for lost in reaped.provisions:
+        queue.enqueue(PROVISION, {"session_id": lost})
     return reaped
 
 

@@ -4,9 +4,11 @@ Level-triggered and idempotent: each pass lists labvirt's VMIs in a region by la
 them with the sessions (and pools) Redis knows, and applies the difference. A second pass right
 after the first finds nothing to do.
 
-- A live session whose VMs vanished, are being deleted or went ``Failed`` becomes ``failed``
-  with a reason, and its environment is torn down. A provisioning session whose VMs are all
-  ready is marked ready (the informer normally does it first; this catches what it missed).
+- A live session whose VMs vanished (once created), are being deleted or went ``Failed``
+  becomes ``failed`` with a reason, and its environment is torn down. A provisioning session
+  whose VMs are all ready is marked ready (the informer normally does it first; this catches
+  what it missed). A provision lost with its worker is the reaper's to ask again (the session
+  records when its environment is created; ``shared.domain.lifecycle``), not the reconciler's.
 - A session whose document Redis lost (a flush, a restart without persistence) is rebuilt from
   its VMIs' labels and annotations (``shared.domain.recovery``); one that was still booting is
   provisioned again (idempotent: the VMIs exist, the watch picks them up).
@@ -46,6 +48,7 @@ from shared.domain.sessions import Session, SessionState
 from shared.domain.templates import Template
 from shared.domain.vmi import Vmi
 from shared.domain.vmi_status import failure_of, is_ready, vm_views
+from shared.metrics.series import series
 from shared.session_life import SessionLife
 
 log = structlog.get_logger(__name__)
@@ -156,7 +159,6 @@ class Reconciler:
         cluster_for: Callable[[str], KubeCluster],
         pools: PoolOwnership | None = None,
         orphan_grace_seconds: float = 120.0,
-        provision_recovery_seconds: float = 30.0,
     ) -> None:
         self._life = life
         self._sessions = life.store
@@ -164,7 +166,6 @@ class Reconciler:
         self._cluster_for = cluster_for
         self._pools = pools
         self._grace = orphan_grace_seconds
-        self._provision_recovery = provision_recovery_seconds
 
     def reconcile(self, region: str, *, now: float) -> Report:
         known = self._sessions.region_sessions(region)  # before the list: see the module doc
@@ -198,15 +199,6 @@ class Reconciler:
             if self._life.fail(session.id, problem):
                 run.report.failed.append(session.id)
             return
-        if (
-            session.state is SessionState.PROVISIONING
-            and not vmis
-            and run.now - session.created_at >= self._provision_recovery
-        ):
-            # No VM yet, long after it was asked for: the provision task was lost with its
-            # worker. Asking again is safe (it is idempotent) and quicker than a redelivery.
-            run.report.provisions.append(session.id)
-            return
         if session.state is SessionState.PROVISIONING and self._all_ready(session, vmis):
             template = self._templates[session.template]
             if self._life.mark_ready(session.id, vm_views(template, vmis)):
@@ -234,8 +226,8 @@ class Reconciler:
             failure = failure_of(vmi)  # Failed, Succeeded (shut down) or being deleted
             if failure is not None:
                 return Failure.vm_failed(failure)
-        if session.state is not SessionState.READY:
-            return None  # still booting: VMIs may not exist yet; the startup deadline bounds it
+        if session.state is not SessionState.READY and not session.environment_created:
+            return None  # still being created (or asked again by the reaper): VMIs may not exist
         for name in self._expected_vmis(session):
             if name not in by_name:
                 return Failure.vm_vanished(name)
@@ -314,6 +306,7 @@ class Reconciler:
             for name in environment.names:
                 run.cluster.delete_vmi(name)
         run.report.orphans_deleted.extend(environment.names)
+        series().orphans_deleted.labels(region=run.region).inc()
         log.info(
             "reconcile.orphan_deleted",
             region=run.region,

@@ -1,12 +1,13 @@
 """The reaper and the reconciler, as Celery tasks run by beat.
 
 The reaper ends sessions whose deadlines passed, fails those that did not start in time, warns
-those about to end and asks again for teardowns that went missing: ``SessionLife.reap`` reads
+those about to end and asks again for teardowns that went missing and for provisions whose
+environment is still not created (lost with their worker): ``SessionLife.reap`` reads
 only what is due (``ZRANGEBYSCORE ... LIMIT``) and settles each due session in one optimistic
 transaction (its new state, its re-indexed deadlines and its progress event commit together,
 for exactly one reaper). A reaper that dies before committing leaves the deadline in place for
-the next tick; one that dies after committing but before enqueueing the teardown is covered by
-the ``teardown`` deadline, which asks again later.
+the next tick; one that dies after committing but before enqueueing the teardown (or the
+provision) is covered by the ``teardown`` (``provision``) deadline, which asks again later.
 
 The reconciler compares each region's VMIs with Redis (``services.reaper.reconciler``).
 """
@@ -34,7 +35,6 @@ def build_reconciler(runtime: Runtime) -> Reconciler:
         cluster_for=runtime.kube().get,
         pools=runtime.pools,
         orphan_grace_seconds=runtime.settings.orphan_grace_seconds,
-        provision_recovery_seconds=runtime.settings.provision_recovery_seconds,
     )
 
 
@@ -47,6 +47,7 @@ def reap(task: Task, _payload: dict[str, str]) -> dict[str, Any]:
     return {
         "teardowns": len(reaped.teardowns),
         "warnings": len(reaped.warnings),
+        "provisions": len(reaped.provisions),
         "disconnected": len(disconnected),
     }
 

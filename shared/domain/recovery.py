@@ -144,6 +144,8 @@ def restore_session(
         hard_expires_at=hard,
         extend_step_seconds=extend_step,
         startup_expires_at=startup,
+        # A booting one's provision is asked for again by the reconciler, now.
+        provision_requested_at=now,
     )
 
 

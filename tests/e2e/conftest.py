@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import claim_redis_database
+from tests.e2e.chaos_measures import ClassRun, fault_free_run
 from tests.e2e.harness import System, start_system
 
 
@@ -29,3 +30,10 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
             yield running
         finally:
             running.stop()
+
+
+@pytest.fixture(scope="session")
+def fault_free(tmp_path_factory: pytest.TempPathFactory) -> ClassRun:
+    """A chaos-sized class with nothing going wrong, once for the run: what every chaos
+    scenario (``test_chaos``, ``test_chaos_recovery``) is held to."""
+    return fault_free_run(tmp_path_factory.mktemp("fault-free"))

@@ -1,28 +1,34 @@
 """Chaos, small and honest: the API server fails 20% of requests and 20% of VMs never boot.
 
 Every session must still end in a clear state (ready, or failed with a reason), and once the
-learners leave, nothing labvirt made may remain in the cluster. `make chaos` runs a larger
-version (LABVIRT_CHAOS_SESSIONS).
+learners leave, nothing labvirt made may remain in the cluster; labvirt may make at most three
+times the Kubernetes calls per session of a fault-free class of the same size (``fault_free``,
+measured once for the run). `make chaos` runs a larger version (LABVIRT_CHAOS_SESSIONS) and,
+with `-s`, prints each scenario's figures.
 """
 
 from __future__ import annotations
 
-import os
+import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import claim_redis_database
+from tests.e2e.chaos_measures import (
+    NODES,
+    SESSIONS,
+    ClassRun,
+    KubeCalls,
+    create_class,
+    leave,
+    report,
+)
 from tests.e2e.harness import System, start_system, wait_until
 
 pytestmark = pytest.mark.e2e
-
-SESSIONS = int(os.environ.get("LABVIRT_CHAOS_SESSIONS", "12"))
-# Room for every session's VM at once: a VM asks for 2 of a node's 16 cores, so 8 fit a node.
-NODES = str(max(10, SESSIONS // 7 + 1))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def chaotic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
                 "--seed",
                 "3",
                 "--nodes",
-                NODES,
+                str(NODES),
             ],
         )
         try:
@@ -50,15 +56,21 @@ def chaotic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
             system.stop()
 
 
-def test_every_session_settles_and_nothing_leaks(chaotic: System) -> None:
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        created = list(pool.map(lambda i: chaotic.create("ubuntu", f"chaos-{i}"), range(SESSIONS)))
-    assert len({s["id"] for s in created}) == SESSIONS, "two learners were given one session"
+def test_every_session_settles_and_nothing_leaks(
+    chaotic: System, fault_free: ClassRun, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report(capsys, fault_free, None)
+    calls = KubeCalls(chaotic)
+    started = time.time()
+    created = create_class(chaotic, "chaos", SESSIONS)
     settled = [chaotic.wait_state(s["id"], "ready", "failed", timeout=120) for s in created]
     for session in settled:
         if session["state"] == "failed":
             assert session.get("reason"), session
     assert any(s["state"] == "ready" for s in settled), "nothing survived 20% errors"
+    run = ClassRun("20% failing calls, 20% failing boots", settled)
+    run.measure_settling()
+    run.measure_recovery(calls.vmis(), back=started)
 
     # Why each session is going: the learner's delete, or the failure that ended it.
     leaving: dict[str, str] = {}
@@ -77,6 +89,9 @@ def test_every_session_settles_and_nothing_leaks(chaotic: System) -> None:
         assert final["state"] == expected, f"a {session['state']} session became {final}"
         why = leaving[session["id"]]
         assert final.get("reason") == why, f"{session['id']} left for {why!r}, yet: {final}"
+    run.calls = calls.count()
+    report(capsys, run, fault_free)
+    run.check(fault_free)
 
     # Stop the faults to look at the cluster as it is.
     faults = requests.put(
@@ -89,54 +104,39 @@ def test_every_session_settles_and_nothing_leaks(chaotic: System) -> None:
     assert chaotic.sim.services() == []
 
 
-def _calls_per_session(tmp: Path, *, error_rate: float, sessions: int) -> tuple[float, dict]:
-    """Kubernetes calls labvirt made per session, for ``sessions`` created, booted and
-    deleted against a simulator failing ``error_rate`` of its calls (and cutting watches)."""
+def _faulty_class(tmp: Path, *, error_rate: float) -> ClassRun:
+    """A class created, booted and deleted against a simulator failing ``error_rate`` of its
+    calls (and cutting watches)."""
     with claim_redis_database() as url:
         system = start_system(
             url,
             tmp,
-            sim_args=["--error-rate", str(error_rate), "--seed", "5", "--nodes", NODES],
+            sim_args=["--error-rate", str(error_rate), "--seed", "5", "--nodes", str(NODES)],
         )
         try:
             before = requests.get(f"{system.sim.url}/_sim/stats", timeout=5).json()
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                created = list(
-                    pool.map(lambda i: system.create("ubuntu", f"calls-{i}"), range(sessions))
-                )
+            calls = KubeCalls(system)
+            created = create_class(system, "calls", SESSIONS)
             settled = [system.wait_state(s["id"], "ready", "failed", timeout=120) for s in created]
-            for session in settled:
-                if session["state"] == "ready":
-                    response = system.call("DELETE", f"/v1/sessions/{session['id']}")
-                    assert response.status_code == 202, response.text
-            final = [system.wait_state(s["id"], "ended", "failed", timeout=120) for s in settled]
+            run = ClassRun(f"{error_rate:.0%} failing calls, cut watches", settled)
+            run.measure_settling()
+            leave(system, settled, timeout=120)
+            run.calls = calls.count()
             after = requests.get(f"{system.sim.url}/_sim/stats", timeout=5).json()
         finally:
             system.stop()
-    outcome = {
-        "ready": sum(1 for s in settled if s["state"] == "ready"),
-        "failed": sum(1 for s in final if s["state"] == "failed"),
-        "injected_errors": after["injectedErrors"] - before["injectedErrors"],
-        "watches_started": after["watchesStarted"] - before["watchesStarted"],
-    }
-    return (after["requests"] - before["requests"]) / sessions, outcome
+    injected = after["injectedErrors"] - before["injectedErrors"]
+    watches = after["watchesStarted"] - before["watchesStarted"]
+    run.note = f"{injected} injected errors, {watches} watches started"
+    assert injected > 0, "the faults were not injected"
+    return run
 
 
 def test_kubernetes_calls_under_faults_stay_within_three_times_the_fault_free_run(
-    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+    fault_free: ClassRun,
+    tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    clean, clean_outcome = _calls_per_session(
-        tmp_path_factory.mktemp("calls-clean"), error_rate=0.0, sessions=SESSIONS
-    )
-    faulty, faulty_outcome = _calls_per_session(
-        tmp_path_factory.mktemp("calls-faulty"), error_rate=0.2, sessions=SESSIONS
-    )
-    with capsys.disabled():
-        print(  # noqa: T201 - `make chaos` reports both figures
-            f"\nKubernetes calls per session ({SESSIONS} sessions): fault-free {clean:.1f} "
-            f"{clean_outcome}; 20% errors {faulty:.1f} {faulty_outcome}; "
-            f"ratio {faulty / clean:.2f}"
-        )
-    assert clean_outcome["ready"] == SESSIONS, clean_outcome
-    assert faulty_outcome["injected_errors"] > 0, "the faults were not injected"
-    assert faulty <= 3 * clean, (clean, faulty, faulty_outcome)
+    faulty = _faulty_class(tmp_path_factory.mktemp("calls-faulty"), error_rate=0.2)
+    report(capsys, faulty, fault_free)
+    faulty.check(fault_free)
