@@ -96,7 +96,12 @@ def run(sessions: int, boot_seconds: float, concurrency: int) -> dict[str, Any]:
         system = start_system(
             redis_server.url,
             Path(tmp),
-            extra_env={"LABVIRT_WORKER_CONCURRENCY": str(concurrency)},
+            extra_env={
+                "LABVIRT_WORKER_CONCURRENCY": str(concurrency),
+                # Every session boots at once: the region's caps must let them all in.
+                "LABVIRT_REGION_MAX_LIVE_SESSIONS": str(sessions),
+                "LABVIRT_REGION_MAX_BOOTING": str(sessions),
+            },
             sim_args=["--boot-seconds", str(boot_seconds), "--nodes", str(nodes)],
         )
         clock = VmiClock(system)

@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import cold_start_bench, gateway_bench, pool_bench, reaper_bench, sim_bench
+from benchmarks import (
+    churn_bench,
+    cold_path_bench,
+    cold_start_bench,
+    gateway_bench,
+    pool_bench,
+    reaper_bench,
+    reconciler_bench,
+    sim_bench,
+    warm_claim_bench,
+)
 
 
 def main() -> int:
@@ -15,6 +25,11 @@ def main() -> int:
     status = sim_bench.main(sys.argv[1:])
     print("== reaper: tick cost vs live sessions (python -m benchmarks.reaper_bench)", flush=True)
     status = reaper_bench.main([]) or status
+    print(
+        "== reconciler: pass cost vs live sessions (python -m benchmarks.reconciler_bench)",
+        flush=True,
+    )
+    status = reconciler_bench.main([]) or status
     print("== warm pools: sizing on replayed traces (python -m benchmarks.pool_bench)", flush=True)
     status = pool_bench.main([]) or status
     print(
@@ -23,10 +38,24 @@ def main() -> int:
     )
     status = cold_start_bench.main([]) or status
     print(
+        "== cold path: labvirt's overhead vs the official client (python -m "
+        "benchmarks.cold_path_bench)",
+        flush=True,
+    )
+    status = cold_path_bench.main([]) or status
+    print("== churn: 1,000 create + teardown cycles (python -m benchmarks.churn_bench)", flush=True)
+    status = churn_bench.main([]) or status
+    print(
         "== gateway: 2,000 event streams and 200 terminals (python -m benchmarks.gateway_bench)",
         flush=True,
     )
-    return gateway_bench.main([]) or status
+    status = gateway_bench.main([]) or status
+    print(
+        "== warm claims against Flask + one Redis call, 8 clients"
+        " (python -m benchmarks.warm_claim_bench)",
+        flush=True,
+    )
+    return warm_claim_bench.main([]) or status
 
 
 if __name__ == "__main__":

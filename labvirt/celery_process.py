@@ -20,6 +20,7 @@ from shared.adapters.clusters import Clusters
 from shared.adapters.template_files import load_templates
 from shared.config import Settings
 from shared.jobs import PREWARM_QUEUE, PROVISION_QUEUE, QUEUES, make_celery
+from shared.metrics.server import start_metrics_server
 from shared.runtime import Runtime, attach_runtime, build_runtime, check_startup
 
 log = structlog.get_logger(__name__)
@@ -58,6 +59,8 @@ def wire_worker(settings: Settings, *, queues: list[str]) -> tuple[Celery, Runti
 
 def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
     chosen = [q for q in (queues or ",".join(QUEUES)).split(",") if q]
+    # First: a port it cannot listen on stops the worker before its informers start.
+    start_metrics_server(settings)
     app, _runtime = wire_worker(settings, queues=chosen)
     task_prerun.connect(_bind_task, weak=False)
     task_postrun.connect(_clear_task, weak=False)
@@ -80,6 +83,7 @@ def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
 def start_beat(settings: Settings) -> None:
     app = make_celery(settings)
     check_startup(settings, app, load_templates(settings.templates_path))
+    start_metrics_server(settings)
     app.start(
         [
             "beat",

@@ -35,10 +35,15 @@ def _settings(process: str) -> Settings:
 
 
 def run_api(_: argparse.Namespace) -> int:
-    from services.api.server import serve  # noqa: PLC0415
-
     settings = _settings("api")
-    return _refusing_bad_config("api", lambda: serve(settings))
+
+    def start() -> None:
+        _metrics_shared_by_processes(settings, "api")  # before any metric is imported
+        from services.api.server import serve  # noqa: PLC0415
+
+        serve(settings)
+
+    return _refusing_bad_config("api", start)
 
 
 def run_gateway(_: argparse.Namespace) -> int:
@@ -49,13 +54,16 @@ def run_gateway(_: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from labvirt.celery_process import start_worker  # noqa: PLC0415
-
     settings = _settings("worker")
     name = f"labvirt-{os.getpid()}@{socket.gethostname()}"
-    return _refusing_bad_config(
-        "worker", lambda: start_worker(settings, queues=args.queues, name=name)
-    )
+
+    def start() -> None:
+        _metrics_shared_by_processes(settings, "worker")  # before any metric is imported
+        from labvirt.celery_process import start_worker  # noqa: PLC0415
+
+        start_worker(settings, queues=args.queues, name=name)
+
+    return _refusing_bad_config("worker", start)
 
 
 def run_beat(_: argparse.Namespace) -> int:
@@ -105,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--run-dir", default=".run", help="where dev keeps its files (default .run)")
     dev.set_defaults(run=run_dev)
     return parser
+
+
+def _metrics_shared_by_processes(settings: Settings, process: str) -> None:
+    """prometheus_client's multiprocess mode, in a fresh directory of this process group."""
+    from shared.metrics.multiprocess import enable_multiprocess  # noqa: PLC0415
+
+    enable_multiprocess(settings.metrics_dir, process=process)
 
 
 def _refusing_bad_config(process: str, start: Any) -> int:

@@ -58,7 +58,7 @@ class Supervisor:
             print(f"{label} | {line}", flush=True)
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module  # nosec B603
             argv,
             env=env,
             stdout=subprocess.PIPE,
@@ -119,7 +119,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL  # nosec B310
             return bool(response.status == 200)
     except OSError:
         return False
@@ -184,12 +184,22 @@ def _addresses(env: dict[str, str], sup: Supervisor) -> str:
     return f"http://{host}:{port}"
 
 
+def _metrics_env(env: dict[str, str], name: str, sup: Supervisor) -> dict[str, str]:
+    """``env`` with a free LABVIRT_METRICS_PORT for ``name`` (unless metrics are off: 0)."""
+    if env.get("LABVIRT_METRICS_PORT", "").strip() == "0":
+        return env
+    port = free_port(env.get("LABVIRT_API_HOST", "127.0.0.1"))
+    sup.say("dev", f"{name} serves /metrics on port {port}")
+    return {**env, "LABVIRT_METRICS_PORT": str(port)}
+
+
 def _banner(base: str, frontend: str, admin: str) -> list[str]:
     body = '{"template": "ubuntu", "user": "alice"}'
     return [
         "",
         f"labvirt is up: {base}",
         f"learner page:  {base}/ui/",
+        f"ops dashboard: {base}/ui/ops  (sign in with the admin token)",
         f"frontend token: {frontend}",
         f"admin token:    {admin}",
         "",
@@ -223,14 +233,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         embedded = _redis(env, run_dir, sup)
         _cluster(env, run_dir, sup, args.sim_boot_seconds)
-        env.setdefault("LABVIRT_FRONTEND_TOKENS", f"dev-frontend-{secrets.token_hex(12)}")
-        env.setdefault("LABVIRT_ADMIN_TOKENS", f"dev-admin-{secrets.token_hex(12)}")
+        # 128 random bits each: every process refuses a weaker token, in dev mode too.
+        env.setdefault("LABVIRT_FRONTEND_TOKENS", f"dev-frontend-{secrets.token_hex(16)}")
+        env.setdefault("LABVIRT_ADMIN_TOKENS", f"dev-admin-{secrets.token_hex(16)}")
         base = _addresses(env, sup)
+        # One machine, one port each: workers and beat serve /metrics on their own.
+        metrics = {name: _metrics_env(env, name, sup) for name in ("worker", "beat", "prewarm")}
         for name in ("api", "gateway", "worker", "beat"):
-            sup.start(name, [sys.executable, "-m", "labvirt.cli", name], env)
+            sup.start(name, [sys.executable, "-m", "labvirt.cli", name], metrics.get(name, env))
         # Warm pools boot on a worker of their own, never on the threads learners wait for.
         sup.start(
-            "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env
+            "prewarm",
+            [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"],
+            metrics["prewarm"],
         )
         # /readyz goes through the gateway to the API: both answer, and Redis too.
         _wait_for(lambda: _healthy(f"{base}/readyz"), timeout=60, what="the API", sup=sup)

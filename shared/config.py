@@ -7,6 +7,7 @@ message naming the variable.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from shared.cluster_config import (
 from shared.config_env import ConfigError, EnvReader
 from shared.config_limits import Limits, limits_from_env
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
 __all__ = ["Cluster", "ConfigError", "Limits", "Mode", "Settings"]
 
 
@@ -31,17 +34,44 @@ class Mode(StrEnum):
     PRODUCTION = "production"
 
 
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: those it may run on (its affinity: a container's
+    cpuset), at most its cgroup's CPU quota rounded up (a pod's CPU limit)."""
+    has_affinity = hasattr(os, "sched_getaffinity")
+    affinity = len(os.sched_getaffinity(0)) if has_affinity else os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return affinity if quota is None else max(1, min(affinity, math.ceil(quota)))
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """The cgroup's CPU limit in CPUs (cgroup v2's ``cpu.max``, else v1's CFS quota); None
+    when there is none, or no cgroup to read (not Linux)."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except FileNotFoundError:
+        try:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except FileNotFoundError:
+            return None
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / int(period)
+
+
 @dataclass(frozen=True)
 class Settings:
     mode: Mode = Mode.PRODUCTION
     redis_url: str = "redis://127.0.0.1:6379/0"
     clusters: tuple[Cluster, ...] = ()
     default_region: str = "local"
-    api_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
+    api_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface  # nosec B104
     api_port: int = 8080
+    # gunicorn worker processes (default: the CPUs this process may run on) and threads in each.
+    api_workers: int = field(default_factory=available_cpus)
     api_threads: int = 32
     # The gateway: event streams, terminals and the learner page, on an asyncio loop.
-    gateway_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface
+    gateway_host: str = "0.0.0.0"  # noqa: S104 - a server in a pod listens on every interface  # nosec B104
     gateway_port: int = 8081
     # Set: the gateway also proxies every other path to this API (one origin, `labvirt dev`).
     gateway_api_url: str | None = None
@@ -53,9 +83,14 @@ class Settings:
     # Tasks that failed for good: how long their records stay, and how many at most.
     dead_letter_retention_seconds: float = 7 * 24 * 3600.0
     dead_letter_max: int = 10_000
+    # How long an ended or failed session's document, events and claimed environment stay.
+    ended_retention_seconds: int = 3600
     frontend_tokens: frozenset[str] = field(default_factory=frozenset)
     admin_tokens: frozenset[str] = field(default_factory=frozenset)
     templates_path: Path | None = None
+    # The npm packages the browser pages load (xterm.js, swagger-ui): `make install` puts them
+    # beside pyproject.toml; a container image sets LABVIRT_NODE_MODULES.
+    node_modules: Path = field(default_factory=lambda: SOURCE_ROOT / "node_modules")
     log_format: str = "json"
     log_level: str = "INFO"
     worker_concurrency: int = 16
@@ -74,9 +109,9 @@ class Settings:
     teardown_retry_seconds: float = 300.0
     reconcile_interval_seconds: float = 30.0
     orphan_grace_seconds: float = 120.0
-    # A provisioning session with no VMI this long after it opened has its provision asked
-    # again (its worker died holding the task).
-    provision_recovery_seconds: float = 30.0
+    # A provisioning session whose environment is not created this long after its provision
+    # was asked for has it asked again by the reaper (its worker died holding the task).
+    provision_recovery_seconds: float = 15.0
     events_keepalive_seconds: float = 15.0
     teardown_timeout_seconds: float = 120.0
     kube_request_timeout_seconds: float = 30.0
@@ -87,7 +122,14 @@ class Settings:
     pool_max_warm_age_seconds: float = 4 * 3600.0
     # Each worker marks the regions it follows alive this often (for 3x as long).
     region_heartbeat_seconds: float = 5.0
+    # How long a create's answer is kept for a replay of its Idempotency-Key.
+    idempotency_ttl_seconds: int = 24 * 3600
     limits: Limits = field(default_factory=Limits)
+    # Metrics: scrape tokens (admin tokens scrape too), the port workers and beat serve them
+    # on (0: none), and where API and worker processes keep their shared metric files.
+    metrics_tokens: frozenset[str] = field(default_factory=frozenset)
+    metrics_port: int = 9464
+    metrics_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,6 +145,7 @@ class Settings:
             default_region=default_region,
             api_host=env.string("LABVIRT_API_HOST", cls.api_host),
             api_port=env.integer("LABVIRT_API_PORT", cls.api_port, minimum=0, maximum=65535),
+            api_workers=env.integer("LABVIRT_API_WORKERS", available_cpus(), minimum=1),
             api_threads=env.integer("LABVIRT_API_THREADS", cls.api_threads, minimum=1),
             gateway_host=env.string("LABVIRT_GATEWAY_HOST", cls.gateway_host),
             gateway_port=env.integer(
@@ -124,9 +167,13 @@ class Settings:
                 minimum=60,
             ),
             dead_letter_max=env.integer("LABVIRT_DEAD_LETTER_MAX", cls.dead_letter_max, minimum=1),
+            ended_retention_seconds=env.integer(
+                "LABVIRT_ENDED_RETENTION_SECONDS", cls.ended_retention_seconds, minimum=60
+            ),
             frontend_tokens=env.tokens("LABVIRT_FRONTEND_TOKENS"),
             admin_tokens=env.tokens("LABVIRT_ADMIN_TOKENS"),
             templates_path=env.path("LABVIRT_TEMPLATES"),
+            node_modules=env.path("LABVIRT_NODE_MODULES") or SOURCE_ROOT / "node_modules",
             log_format=env.choice(
                 "LABVIRT_LOG_FORMAT",
                 ["json", "console"],
@@ -194,7 +241,15 @@ class Settings:
             region_heartbeat_seconds=env.number(
                 "LABVIRT_REGION_HEARTBEAT_SECONDS", cls.region_heartbeat_seconds, minimum=0.2
             ),
+            idempotency_ttl_seconds=env.integer(
+                "LABVIRT_IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds, minimum=1
+            ),
             limits=limits_from_env(env),
+            metrics_tokens=env.tokens("LABVIRT_METRICS_TOKENS"),
+            metrics_port=env.integer(
+                "LABVIRT_METRICS_PORT", cls.metrics_port, minimum=0, maximum=65535
+            ),
+            metrics_dir=env.path("LABVIRT_METRICS_DIR"),
         )
         settings.validate()
         return settings
@@ -221,6 +276,10 @@ class Settings:
         overlap = self.frontend_tokens & self.admin_tokens
         if overlap:
             raise ConfigError("a token must not be both a frontend token and an admin token")
+        if self.frontend_tokens & self.metrics_tokens:
+            raise ConfigError(
+                "LABVIRT_METRICS_TOKENS: a scrape token must not also be a frontend token"
+            )
 
     def cluster(self, region: str) -> Cluster:
         for cluster in self.clusters:

@@ -14,13 +14,16 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Final, TypedDict
 
+import redis
 import structlog
 from celery import Celery, Task, shared_task
 from kombu.entity import Queue
 
+from shared.adapters.broker_channels import guard_closed_broker_channels
 from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.redis_client import celery_broker
 from shared.adapters.retrying import DEFAULT_TASK_BUDGET, retry_budget
+from shared.adapters.task_messages import broker_message
 from shared.config import ConfigError, Settings
 
 log = structlog.get_logger(__name__)
@@ -107,12 +110,38 @@ def check_payload(name: str, payload: Mapping[str, Any]) -> dict[str, str]:
 class TaskQueue:
     """Where services hand work to workers: ``enqueue(name, payload)``."""
 
-    def __init__(self, celery: Celery) -> None:
+    def __init__(self, celery: Celery, *, broker: redis.Redis | None = None) -> None:
+        """``broker``: a client of the Redis the broker is (``REDIS_URL``): a task without a
+        delay is then pushed onto its queue's list by it, the message Celery would publish
+        without Celery's cost per message (``task_messages``)."""
         self._celery = celery
+        self._broker = broker
 
     def enqueue(self, name: str, payload: Mapping[str, Any], *, delay: float | None = None) -> None:
         """Publish the task; its queue comes from ``task_routes``. ``delay`` in seconds."""
-        self._celery.send_task(name, kwargs=check_payload(name, payload), countdown=delay)
+        checked = check_payload(name, payload)
+        queue = self._queue_of(name) if self._broker is not None and delay is None else None
+        if self._broker is None or queue is None:
+            self._celery.send_task(name, kwargs=checked, countdown=delay)
+            return
+        self._broker.lpush(queue, broker_message(self._celery, name, checked, queue=queue))
+
+    def queue_on(self, pipe: Any, name: str, payload: Mapping[str, Any]) -> bool:
+        """Queue the task's message on ``pipe`` (a pipeline on the broker's Redis), to go with
+        what else it carries; False when this queue publishes through Celery, and the caller
+        must ``enqueue`` it."""
+        if self._broker is None:
+            return False
+        checked = check_payload(name, payload)
+        queue = self._queue_of(name)
+        if queue is None:
+            return False
+        pipe.lpush(queue, broker_message(self._celery, name, checked, queue=queue))
+        return True
+
+    def _queue_of(self, name: str) -> str | None:
+        route = (self._celery.conf.task_routes or {}).get(name)
+        return None if route is None else str(route["queue"])
 
 
 TaskBody = Callable[[Task, dict[str, str]], dict[str, Any]]
@@ -170,6 +199,7 @@ TASK_MODULES = (
 
 def make_celery(settings: Settings) -> Celery:
     """The Celery app every labvirt process shares; connects to nothing until used."""
+    guard_closed_broker_channels()  # a worker reconnects after a Redis restart, not exits
     broker, sentinel_options = celery_broker(settings.redis_url)
     app = Celery("labvirt", broker=broker, backend=None)
     app.conf.update(

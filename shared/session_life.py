@@ -21,22 +21,20 @@ import structlog
 from shared.adapters.connections import ConnectionSweeper
 from shared.adapters.dead_letters import DeadLetters
 from shared.adapters.pool_store import RedisPoolStore
+from shared.adapters.rate_limits import CountAlong
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore, SessionNotFound
 from shared.domain.lifecycle import (
     DeadlineKind,
     DeadlineOutcome,
-    Decision,
     ProgressEvent,
     SessionClocks,
     Stage,
-    admit,
     booting_progress,
     extend,
-    start_session,
 )
 from shared.domain.reasons import CloseReason, Failure
-from shared.domain.regions import RegionChoice, RegionHint
+from shared.domain.regions import RegionHint
 from shared.domain.retries import may_replace, reopened, with_fresh_environment
 from shared.domain.sessions import (
     EnvironmentId,
@@ -47,17 +45,15 @@ from shared.domain.sessions import (
     VmView,
     new_ids,
 )
-from shared.jobs import BIND_ENVIRONMENT, PROVISION, RETIRE_ENVIRONMENT, TEARDOWN, TaskQueue
+from shared.jobs import PROVISION, RETIRE_ENVIRONMENT, TEARDOWN, TaskQueue
 from shared.regions import RegionPicker
+from shared.session_opening import SessionOpener
 from shared.session_reaping import reap_due, settle_deadline
 from shared.session_results import (
-    NotQueued,
     Opened,
     ProvisioningFailed,
     Reaped,
-    SessionLimitReached,
 )
-from shared.warm_claim import claim_warm_environment
 
 log = structlog.get_logger(__name__)
 
@@ -85,6 +81,16 @@ class SessionLife:
         self._dead_letters = dead_letters
         self._max_sessions_per_user = max_sessions_per_user
         self._regions = regions
+        self._opener = SessionOpener(
+            store=store,
+            queue=queue,
+            clock=clock,
+            pools=pools,
+            regions=regions,
+            max_sessions_per_user=max_sessions_per_user,
+            close=self.close,
+            fail_unqueued=self._fail_unqueued,
+        )
 
     def get(self, session_id: str) -> Session | None:
         return self.store.get(session_id)
@@ -100,6 +106,7 @@ class SessionLife:
         replace: bool,
         region: str | None = None,
         hint: RegionHint | None = None,
+        counting: CountAlong | None = None,
     ) -> Opened:
         """One active session per user: reconnect, refuse, or open (closing replaced ones).
 
@@ -110,67 +117,25 @@ class SessionLife:
         ``RegionHint(region=...)``), ``hint`` may instead give a location or a country, or
         nothing. A reconnect keeps the user's session where it is; otherwise the region picker
         (``shared.regions``) chooses before anything is closed or stored, and raises
-        ``UnknownRegion`` or ``NoRegion`` (full, down, drained) when no region can take it.
+        ``UnknownRegion`` or ``NoRegion`` (full, at a cap, down, drained) when none can take
+        it. Only a create that is neither a reconnect nor a replace counts as pool demand.
+
+        ``counting``: the create's rate limits, counted in the round trip that takes the lock
+        (``RateLimited`` when one refuses it). The steps are ``shared.session_opening``'s.
         """
         if region is not None:
             hint = RegionHint(region=region)
-        hint = hint or RegionHint()
-        with self.store.user_lock(user):
-            admission = admit(
-                self.store.user_sessions(user),
-                template=template,
-                region=hint.region,
-                max_sessions=self._max_sessions_per_user,
-                replace_existing=replace,
-            )
-            if admission.decision is Decision.RECONNECT and admission.session is not None:
-                log.info("session.reconnected", session_id=admission.session.id)
-                reason = f"reconnected to the user's session in {admission.session.region}"
-                return Opened(admission.session, None, reconnected=True, region_reason=reason)
-            if admission.decision is Decision.REFUSE:
-                raise SessionLimitReached(user, admission.conflicting, self._max_sessions_per_user)
-            choice = self._choose_region(hint, template)
-            region = choice.region
-            for old in admission.to_close:
-                try:
-                    self.close(old.id, CloseReason.REPLACED)
-                except SessionNotFound:
-                    continue  # gone meanwhile: nothing to close
-            session, token = start_session(
-                user=user, template=template, region=region, clocks=clocks, now=self._clock()
-            )
-            session = self._claim_warm_environment(session)
-            self.store.add(session)
-            structlog.contextvars.bind_contextvars(session_id=session.id, template=template)
-            first = BIND_ENVIRONMENT if session.warm else PROVISION
-            try:
-                self._queue.enqueue(first, {"session_id": session.id})
-            except Exception as exc:
-                # Nothing was created yet: fail without a teardown. A claimed warm environment
-                # goes back through the prewarmer's sweep of unbound claims.
-                self._move(session.id, lambda s: s.fail(Failure.not_queued(), at=self._clock()))
-                log.exception("session.enqueue_failed")
-                raise NotQueued(str(exc)) from exc
-        log.info(
-            "session.created",
+        return self._opener.open(
             user=user,
-            region=region,
-            region_reason=choice.reason,
-            warm=session.warm,
+            template=template,
+            clocks=clocks,
+            replace=replace,
+            hint=hint or RegionHint(),
+            counting=counting,
         )
-        return Opened(session, token, region_reason=choice.reason)
 
-    def _choose_region(self, hint: RegionHint, template: str) -> RegionChoice:
-        if self._regions is not None:
-            return self._regions.choose(hint, template=template)
-        if hint.region is None:  # a SessionLife built without regions (tests, benchmarks)
-            raise ValueError("this SessionLife has no region picker: name the region")
-        return RegionChoice(hint.region, "requested")
-
-    def _claim_warm_environment(self, session: Session) -> Session:
-        if self._pools is None:
-            return session
-        return claim_warm_environment(self._pools, session, now=self._clock())
+    def _fail_unqueued(self, session_id: str) -> None:
+        self._move(session_id, lambda s: s.fail(Failure.not_queued(), at=self._clock()))
 
     # -- while it boots and serves ------------------------------------------------------------
 
@@ -282,7 +247,7 @@ class SessionLife:
             if not may_replace(current, now=now, boot_seconds=boot_seconds):
                 raise IllegalTransition(current.state, current.state)
             replaced.append(current)
-            return with_fresh_environment(current, environment_id=fresh)
+            return with_fresh_environment(current, environment_id=fresh, at=now)
 
         _, moved = self._move(session_id, change)
         if moved:

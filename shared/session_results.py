@@ -33,10 +33,12 @@ class NotQueued(Exception):
 
 @dataclass
 class Reaped:
-    """What one reaper pass settled: sessions closed or failed, and sessions warned."""
+    """What one reaper pass settled: sessions closed or failed, sessions warned, and
+    provisions asked for again (lost with their worker)."""
 
     teardowns: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    provisions: list[str] = field(default_factory=list)
 
 
 class ProvisioningFailed(Exception):

@@ -1,8 +1,9 @@
 """The ``/_sim`` endpoints: what tests and benchmarks use to steer and observe the simulator.
 
 ``/_sim/faults`` reads and changes the injected faults, ``/_sim/stats`` reports objects,
-watchers, open consoles and traffic, ``/_sim/history`` sets how far back watches may resume, and
-``/_sim/vmis/{namespace}/{name}/crash`` kills a running guest.
+watchers, open consoles and traffic, ``/_sim/history`` sets how far back watches may resume,
+``/_sim/timeline`` tells when each VMI's create arrived and when it turned Ready (``timeline``),
+and ``/_sim/vmis/{namespace}/{name}/crash`` kills a running guest.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from labvirt.sim.errors import ApiError, bad_request, method_not_allowed, qualif
 from labvirt.sim.faults import Controllers, Counters, FaultInjector
 from labvirt.sim.rest import json_response, not_found_path
 from labvirt.sim.store import Store
+from labvirt.sim.timeline import VmiTimeline
 
 
 class SimControl:
@@ -31,6 +33,7 @@ class SimControl:
         counters: Counters,
         watch_stream_count: Callable[[], int],
         console_count: Callable[[], int] = lambda: 0,
+        timeline: VmiTimeline | None = None,
     ) -> None:
         self._store = store
         self._faults = faults
@@ -38,6 +41,7 @@ class SimControl:
         self._counters = counters
         self._watch_stream_count = watch_stream_count
         self._console_count = console_count
+        self._timeline = timeline
 
     async def handle(self, request: web.Request, parts: list[str]) -> web.Response:
         method = request.method
@@ -53,6 +57,8 @@ class SimControl:
             raise method_not_allowed()
         if parts == ["stats"] and method == "GET":
             return json_response(self._stats())
+        if parts == ["timeline"] and method == "GET" and self._timeline is not None:
+            return json_response({"vmis": self._timeline.entries()})
         if parts == ["history"] and method == "PUT":
             return json_response(self._set_history(await request.read()))
         if len(parts) == 4 and parts[0] == "vmis" and parts[3] == "crash":

@@ -11,7 +11,7 @@ import yaml
 
 CONTEXT = "labvirt-sim"
 # The simulator authenticates nobody; clients like to send a token anyway.
-TOKEN = "labvirt-sim-token"  # noqa: S105 - not a secret
+TOKEN = "labvirt-sim-token"  # noqa: S105 - not a secret  # nosec B105
 
 
 def kubeconfig_document(

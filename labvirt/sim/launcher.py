@@ -45,18 +45,18 @@ def launcher_pod_request(spec: Obj) -> PodRequest:
     """What the virt-launcher pod asks the scheduler for, as virt-controller renders it."""
     domain = spec["domain"]
     resources = domain.get("resources") or {}
-    requests = resources.get("requests") or {}
+    asked = resources.get("requests") or {}
     limits = resources.get("limits") or {}
     count = vcpus(spec)
     if (domain.get("cpu") or {}).get("dedicatedCpuPlacement"):
         cpu = count * 1000
-    elif requests.get("cpu") is not None:
-        cpu = to_millicores(requests["cpu"])
+    elif asked.get("cpu") is not None:
+        cpu = to_millicores(asked["cpu"])
     elif limits.get("cpu") is not None:
         cpu = to_millicores(limits["cpu"])
     else:
         cpu = count * 1000 // CPU_ALLOCATION_RATIO
-    memory_request = requests.get("memory") or limits.get("memory")
+    memory_request = asked.get("memory") or limits.get("memory")
     guest = to_bytes(memory_request) if memory_request is not None else guest_memory_bytes(spec)
     overhead = LAUNCHER_MEMORY_OVERHEAD + MEMORY_OVERHEAD_PER_VCPU * count + math.ceil(guest / 512)
     return PodRequest(cpu_millicores=cpu, memory_bytes=guest + overhead)

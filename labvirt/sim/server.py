@@ -39,6 +39,7 @@ from labvirt.sim.rest import (
 )
 from labvirt.sim.selectors import FieldGetter
 from labvirt.sim.store import ResourceType, Store
+from labvirt.sim.timeline import REQUEST_RECEIVED, VmiTimeline
 from labvirt.sim.watch import WatchSettings, WatchStreams
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class ApiServer:
             field_selectors=selectors,
         )
         self._consoles = Consoles(store)
+        self._timeline = VmiTimeline(store.scheduler.now)
+        store.add_listener(self._timeline.on_event)
         self._control = SimControl(
             store,
             faults=self._faults,
@@ -81,6 +84,7 @@ class ApiServer:
             counters=self._counters,
             watch_stream_count=lambda: self._watches.count,
             console_count=lambda: self._consoles.count,
+            timeline=self._timeline,
         )
         self._discovery_cache: dict[tuple[str, ...], bytes] = {}
 
@@ -101,6 +105,7 @@ class ApiServer:
     # -- entry point ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        REQUEST_RECEIVED.set(self._store.scheduler.now())  # this request's task only
         path = request.path
         try:
             if path.startswith("/_sim/"):

@@ -61,7 +61,8 @@ class SimHandle:
             method=method,
             headers={"Content-Type": "application/json", "Accept": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        # The simulator this helper started, over http.
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310  # nosec B310
             return json.loads(response.read() or b"null")
 
     def faults(self) -> dict[str, float]:
@@ -129,7 +130,8 @@ def running_simulator(
         *config_flags(config),
     ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
+        # The simulator's own command line, run without a shell.
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603  # nosec B603
     try:
         try:
             _wait_for_file(kubeconfig, time.monotonic() + startup_timeout, process)

@@ -11,7 +11,12 @@ from services.api.admin import admin as admin_blueprint
 from services.api.admin_failed import admin_failed
 from services.api.admin_regions import admin_regions
 from services.api.context import RUNTIME_KEY
+from services.api.docs import docs
 from services.api.errors import register_error_handlers
+from services.api.json_bodies import BoundedJSONProvider
+from services.api.limits import install_limits
+from services.api.metrics import metrics
+from services.api.ops_ui import ops_ui
 from services.api.views import blueprint
 from shared.runtime import Runtime
 
@@ -21,9 +26,10 @@ MAX_BODY_BYTES = 64 * 1024
 
 
 def create_app(runtime: Runtime) -> Flask:
-    app = Flask("labvirt.api")
+    app = Flask("labvirt.api", static_folder=None)  # it serves no files of its own
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json = BoundedJSONProvider(app)
+    app.json.sort_keys = False
     app.extensions[RUNTIME_KEY] = runtime
     register_error_handlers(app)
 
@@ -46,4 +52,8 @@ def create_app(runtime: Runtime) -> Flask:
     app.register_blueprint(admin_blueprint)
     app.register_blueprint(admin_regions)
     app.register_blueprint(admin_failed)
+    app.register_blueprint(docs)
+    app.register_blueprint(metrics)
+    app.register_blueprint(ops_ui)  # the operators' dashboard, /ui/ops
+    install_limits(app)
     return app

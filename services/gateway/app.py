@@ -15,14 +15,17 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from services.gateway.access import admit, error, load_session
+from services.gateway.access import admit, error, load_session, problem_errors
 from services.gateway.consoles import ConsoleHub, console_endpoint
 from services.gateway.events import EventHub, last_event_id, stream_events
+from services.gateway.limits import limit_browser_call
+from services.gateway.metrics import OpenConnections, add_metrics_route
 from services.gateway.presence import Presence
 from services.gateway.proxy import ApiProxy
 from services.gateway.terminals import Terminals, ended_reason
 from services.gateway.ui import add_ui_routes
 from shared.adapters.connections import Connections
+from shared.adapters.rate_limits import AsyncRateLimiter
 from shared.adapters.redis_client import async_client
 from shared.config import Settings
 from shared.domain.sessions import SessionState
@@ -39,6 +42,7 @@ class Gateway:
             settings.redis_url, socket_connect_timeout=5, health_check_interval=30
         )
         self.events = EventHub(self.redis)
+        self.rate_limiter = AsyncRateLimiter(self.redis)
         self.presence = Presence(Connections(self.redis))
         self.consoles = ConsoleHub(
             {cluster.region: console_endpoint(cluster) for cluster in settings.clusters}
@@ -90,6 +94,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def session_events(request: web.Request) -> web.StreamResponse:
     gateway = request.app[STATE]
+    await limit_browser_call(request, gateway.rate_limiter, gateway.settings.limits)
     after = last_event_id(request)  # a refused request never counts as a connection
     session = await admit(
         request, client=gateway.redis, settings=gateway.settings, ticket_only=False
@@ -109,6 +114,7 @@ async def session_events(request: web.Request) -> web.StreamResponse:
 
 async def terminal(request: web.Request) -> web.StreamResponse:
     gateway = request.app[STATE]
+    await limit_browser_call(request, gateway.rate_limiter, gateway.settings.limits)
     vm = request.query.get("vm", "")
     session = await admit(
         request, client=gateway.redis, settings=gateway.settings, ticket_only=True
@@ -126,7 +132,7 @@ async def terminal(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[problem_errors])
     gateway = Gateway(settings)
     app[STATE] = gateway
 
@@ -145,6 +151,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/sessions/{session_id}/events", session_events)
     app.router.add_get("/v1/sessions/{session_id}/terminal", terminal)
+    opened = OpenConnections(gateway.presence.open_of, lambda: gateway.consoles.open_upstreams)
+    add_metrics_route(app, settings, opened)
     add_ui_routes(app, settings)
     if settings.gateway_api_url:
         ApiProxy(settings.gateway_api_url).install(app)

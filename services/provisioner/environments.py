@@ -7,17 +7,21 @@ the informer sees the last VMI go (or at once, when nothing was left to delete).
 
 Every step is safe to repeat: names are deterministic, 409 on create means "already there",
 404 on delete means "already gone", and state changes go through ``SessionLife``, so a
-redelivered task or a second worker does no harm.
+redelivered task or a second worker does no harm. Once every object exists the session records
+its environment created: until then the reaper asks for the provision again (a worker that
+died holding it), and after it a provision asked again returns without calling the cluster.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from shared.adapters.kube import KubeCluster
+from shared.adapters.session_store import SessionNotFound
 from shared.domain.lifecycle import Stage
 from shared.domain.manifests import (
     EnvironmentManifests,
@@ -26,8 +30,10 @@ from shared.domain.manifests import (
 )
 from shared.domain.reasons import Failure
 from shared.domain.recovery import session_annotations
-from shared.domain.sessions import SessionState
+from shared.domain.retries import with_environment_created
+from shared.domain.sessions import EnvironmentId, Session, SessionState
 from shared.domain.templates import Template
+from shared.metrics.series import series
 from shared.session_life import SessionLife
 
 log = structlog.get_logger(__name__)
@@ -89,6 +95,8 @@ class Provisioner:
             return Outcome(None, "no such session")
         if session.state is not SessionState.PROVISIONING:
             return Outcome(session.state, "nothing to do")
+        if session.environment_created:  # asked again while the first one succeeded
+            return Outcome(session.state, "already created")
         template = self._templates.get(session.template)
         if template is None:
             self._life.fail(session.id, Failure.template_missing(session.template))
@@ -105,14 +113,27 @@ class Provisioner:
             extra_annotations=session_annotations(session),
         )
         self._life.emit(session.id, Stage.CREATING, {"vms": len(manifests.vmis)})
+        started = time.perf_counter()
         create_environment(cluster, manifests)
+        series().provisioning_duration.labels(
+            template=session.template, region=session.region
+        ).observe(time.perf_counter() - started)
         log.info("environment.created", vms=len(manifests.vmis), region=session.region)
-        current = self._life.get(session_id)
+        current = self._record_created(session_id, session.environment_id)
         if current is None or current.state is not SessionState.PROVISIONING:
             # Closed while the objects were created: its teardown may have run before them.
             delete_environment(cluster, session.environment_id)
             return Outcome(current.state if current else None, "closed while creating")
         return Outcome(SessionState.PROVISIONING, "created")
+
+    def _record_created(self, session_id: str, environment_id: EnvironmentId) -> Session | None:
+        """The session once it knows ``environment_id`` is created (None: it is gone)."""
+        try:
+            return self._life.store.update(
+                session_id, lambda s: with_environment_created(s, environment_id=environment_id)
+            )
+        except SessionNotFound:
+            return None
 
     def fail(self, session_id: str, failure: Failure) -> Outcome:
         """Give up on a session whose environment cannot be made (and remove what was)."""

@@ -24,8 +24,16 @@ from typing import Any, Final, cast
 
 import redis
 
-PREFIX: Final = "labvirt:dead"
+from shared.metrics.series import series
+
+# One hash tag for every record and the index: an update writes both in one transaction, and
+# the index orders all records (operators page through them), so the set is global by nature.
+# Failures for good are few and capped (``max_records``): one hash slot holds them easily.
+PREFIX: Final = "labvirt:dead:{records}"
 INDEX_KEY: Final = f"{PREFIX}:index"
+# The records waiting for an operator (status failed), scored by when they expire: counting
+# them is one ZCOUNT, and a record that expired stops counting by itself.
+FAILED_KEY: Final = f"{PREFIX}:failed"
 HISTORY_LIMIT: Final = 20
 TRACEBACK_LIMIT: Final = 8000
 
@@ -41,7 +49,7 @@ def record_id(task: str, payload: Mapping[str, str]) -> str:
     return "f-" + digest.hexdigest()[:20]
 
 
-def _key(failure_id: str) -> str:
+def record_key(failure_id: str) -> str:
     return f"{PREFIX}:{failure_id}"
 
 
@@ -143,12 +151,13 @@ class DeadLetters:
 
         letter: DeadLetter = self._update(failure_id, change)
         self._trim()
+        series().dead_letters_recorded.labels(task=task).inc()
         return letter
 
     def resolved(self, task: str, payload: Mapping[str, str]) -> bool:
         """A task succeeded: if it was a requeued failure, its record says so now."""
         failure_id = record_id(task, payload)
-        if not self._redis.exists(_key(failure_id)):
+        if not self._redis.exists(record_key(failure_id)):
             return False
         now = self._clock()
         changed: list[bool] = []
@@ -187,14 +196,15 @@ class DeadLetters:
         return letter, bool(queued)
 
     def get(self, failure_id: str) -> DeadLetter | None:
-        raw = self._redis.get(_key(failure_id))
+        raw = self._redis.get(record_key(failure_id))
         return None if raw is None else DeadLetter.from_dict(json.loads(raw))
 
     def purge(self, failure_id: str) -> bool:
         pipe = self._redis.pipeline()
-        pipe.delete(_key(failure_id))
+        pipe.delete(record_key(failure_id))
         pipe.zrem(INDEX_KEY, failure_id)
-        deleted, _ = pipe.execute()
+        pipe.zrem(FAILED_KEY, failure_id)
+        deleted, *_ = pipe.execute()
         return bool(deleted)
 
     def list(
@@ -215,6 +225,10 @@ class DeadLetters:
     def count(self) -> int:
         return int(self._redis.zcard(INDEX_KEY))
 
+    def failed_count(self) -> int:
+        """Records failed and not requeued since: what waits for an operator."""
+        return int(self._redis.zcount(FAILED_KEY, self._clock(), "+inf"))
+
     def _newest_first(self, before: float | None) -> Iterator[DeadLetter]:
         top: str | float = "+inf" if before is None else f"({before}"
         while True:
@@ -224,7 +238,7 @@ class DeadLetters:
             )
             if not ids:
                 return
-            raws = cast(list[Any], self._redis.mget([_key(_text(i)) for i in ids]))
+            raws = cast(list[Any], self._redis.mget([record_key(_text(i)) for i in ids]))
             last = None
             for raw_id, raw in zip(ids, raws, strict=True):
                 if raw is None:
@@ -240,7 +254,7 @@ class DeadLetters:
     def _update(
         self, failure_id: str, change: Callable[[DeadLetter | None], DeadLetter | None]
     ) -> Any:
-        key = _key(failure_id)
+        key = record_key(failure_id)
 
         def attempt(pipe: Any) -> DeadLetter | None:
             raw = pipe.get(key)
@@ -250,6 +264,10 @@ class DeadLetters:
             if updated is not None:
                 pipe.set(key, json.dumps(updated.to_dict()), ex=int(self._retention))
                 pipe.zadd(INDEX_KEY, {failure_id: updated.last_failed_at})
+                if updated.status == Status.FAILED:
+                    pipe.zadd(FAILED_KEY, {failure_id: self._clock() + int(self._retention)})
+                else:
+                    pipe.zrem(FAILED_KEY, failure_id)
             return updated
 
         return self._redis.transaction(attempt, key, value_from_callable=True)  # type: ignore[arg-type]
@@ -260,9 +278,12 @@ class DeadLetters:
             oldest = cast(list[Any], self._redis.zrange(INDEX_KEY, 0, excess - 1))
             pipe = self._redis.pipeline()
             for raw_id in oldest:
-                pipe.delete(_key(_text(raw_id)))
+                pipe.delete(record_key(_text(raw_id)))
                 pipe.zrem(INDEX_KEY, _text(raw_id))
+                pipe.zrem(FAILED_KEY, _text(raw_id))
             pipe.execute()
+        # Expired records: their index entries go as listings meet them, these go here.
+        self._redis.zremrangebyscore(FAILED_KEY, "-inf", self._clock())
 
 
 def _text(value: bytes | str) -> str:

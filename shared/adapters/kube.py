@@ -16,7 +16,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from shared.adapters.retrying import Retry
+from shared.adapters.retrying import CountedRetry, Retry
 from shared.config import Cluster as ClusterConfig
 from shared.domain.vmi import Vmi, as_vmi
 
@@ -166,7 +166,7 @@ class KubeCluster:
         self._core: Any = client.CoreV1Api(self._api_client)
         self._networking: Any = client.NetworkingV1Api(self._api_client)
         self._timeout = request_timeout
-        self._retry = retry or Retry()
+        self._retry = CountedRetry(retry or Retry(), region=self.region)
 
     def close(self) -> None:
         self._api_client.close()  # type: ignore[no-untyped-call]

@@ -161,7 +161,21 @@ class MemoryPoolStore:
                 return True
             return env is None and removed > 0
 
-    def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None:
+    def claim(
+        self,
+        key: PoolKey,
+        *,
+        session_id: str,
+        at: float,
+        record: bool = False,
+        candidates: Sequence[str] | None = None,  # noqa: ARG002 - Redis's round trip saved
+    ) -> WarmEnvironment | None:
+        claimed = self._claim(key, session_id=session_id, at=at)
+        if record:
+            self.record_claim(key, session_id=session_id, hit=claimed is not None, at=at)
+        return claimed
+
+    def _claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None:
         with self._mutex:
             pool = self._pool(key)
             while pool.ready:

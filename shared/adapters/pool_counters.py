@@ -4,7 +4,7 @@ The metrics hooks of the pools: the prewarmer sizes adaptive pools from recent a
 time-of-week profile folded from them, and reads the last hour to correct its sizing; the admin
 API shows the hit rate, and the observability work exports the totals.
 
-Per pool (``labvirt:pool:{region}:{template}:*``): ``arrivals`` (sorted set, session id -> claim
+Per pool (``labvirt:pool:{<region>/<template>}:*``): ``arrivals`` (sorted set, session id -> claim
 time), ``outcomes:{minute}`` (hash: hits, misses), ``totals`` (hash: hits, misses) and
 ``profile`` (hash: slot of the week -> JSON, and the last slot ``folded``). Per-minute counters
 expire on their own, so nothing has to trim them.
@@ -17,6 +17,7 @@ from typing import Any, Final, cast
 
 import redis
 
+from shared.adapters.pool_records import pool_redis_key
 from shared.domain.pools.config import PoolKey
 from shared.domain.pools.demand import (
     PEAK_WINDOW_SECONDS,
@@ -42,16 +43,33 @@ class PoolCounters:
         self._prefix = prefix
 
     def _pool(self, key: PoolKey, part: str) -> str:
-        return f"{self._prefix}:pool:{key.region}:{key.template}:{part}"
+        return pool_redis_key(self._prefix, key, part)
 
     def _minute_key(self, key: PoolKey, minute: int) -> str:
         return self._pool(key, f"outcomes:{minute}")
 
+    def claim_keys(self, key: PoolKey, *, at: float) -> list[str]:
+        """Where a claim at ``at`` is counted: the arrivals, the minute's outcomes, the totals
+        (the claim script counts a hit in the same step, ``pool_scripts.CLAIM``)."""
+        return [
+            self._pool(key, "arrivals"),
+            self._minute_key(key, int(at // 60)),
+            self._pool(key, "totals"),
+        ]
+
+    def claim_args(self, *, at: float) -> list[str | int]:
+        """What the claim script needs to count a hit as ``record_claim`` does: arrivals
+        before this go, the arrivals' and the minute's time to live."""
+        return [
+            repr(at - ARRIVAL_RETENTION_SECONDS),
+            ARRIVAL_RETENTION_SECONDS,
+            MINUTE_RETENTION_SECONDS,
+        ]
+
     def record_claim(self, key: PoolKey, *, session_id: str, hit: bool, at: float) -> None:
         """One create asked this pool: its arrival (for sizing) and whether it was warm."""
-        arrivals = self._pool(key, "arrivals")
+        arrivals, minute_key, _ = self.claim_keys(key, at=at)
         outcome = "hits" if hit else "misses"
-        minute_key = self._minute_key(key, int(at // 60))
         pipe = self._redis.pipeline(transaction=False)
         pipe.zadd(arrivals, {session_id: at})
         pipe.zremrangebyscore(arrivals, "-inf", at - ARRIVAL_RETENTION_SECONDS)

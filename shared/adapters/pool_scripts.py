@@ -3,8 +3,9 @@
 A claim pops exactly one ready environment for exactly one session; a reservation checks the
 pool's level and adds booting environments in the same step, so two prewarmers cannot both fill
 the same gap; marking ready and retiring succeed only from the states the domain allows; a lock
-is released only by its holder. The scripts build the environment keys from a prefix, which is
-fine on one Redis (not on Redis Cluster).
+is released only by its holder. Every key a script touches comes in through KEYS, and all of
+them are keys of one pool, in its hash slot (``hash_tags.pool_tag``): they run on a Redis
+Cluster as well.
 """
 
 from __future__ import annotations
@@ -12,41 +13,54 @@ from __future__ import annotations
 from typing import Final
 
 CLAIM: Final = """
--- KEYS: ready, claimed. ARGV: env key prefix, session id, now, claimed record ttl.
-while true do
-  local popped = redis.call('ZPOPMIN', KEYS[1])
-  if #popped == 0 then return false end
-  local env_key = ARGV[1] .. popped[1]
-  if redis.call('HGET', env_key, 'state') == 'ready' then
-    redis.call('HSET', env_key, 'state', 'claimed', 'session_id', ARGV[2], 'claimed_at', ARGV[3])
-    redis.call('EXPIRE', env_key, ARGV[4])
-    redis.call('ZADD', KEYS[2], ARGV[3], popped[1])
-    local record = redis.call('HGETALL', env_key)
-    table.insert(record, 1, popped[1])
+-- KEYS: ready, claimed, the pool's arrivals, this minute's outcomes, its totals, then the records
+-- of the oldest ready environments (the candidates the caller listed). ARGV: session id, now,
+-- claimed record ttl, '1' to count the claim as an arrival and a hit (else '0'), arrivals older
+-- than this go, arrivals ttl, minute outcomes ttl, then the candidates' ids.
+-- Claims the first candidate still in the ready set with a ready record; drops the others it
+-- passes (taken by another claim meanwhile, or their record gone). False: none was claimable.
+for n = 6, #KEYS do
+  local env_id = ARGV[n + 2]
+  if redis.call('ZREM', KEYS[1], env_id) == 1
+      and redis.call('HGET', KEYS[n], 'state') == 'ready' then
+    redis.call('HSET', KEYS[n], 'state', 'claimed', 'session_id', ARGV[1], 'claimed_at', ARGV[2])
+    redis.call('EXPIRE', KEYS[n], ARGV[3])
+    redis.call('ZADD', KEYS[2], ARGV[2], env_id)
+    if ARGV[4] == '1' then  -- as PoolCounters.record_claim counts a hit
+      redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+      redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+      redis.call('EXPIRE', KEYS[3], ARGV[6])
+      redis.call('HINCRBY', KEYS[4], 'hits', 1)
+      redis.call('EXPIRE', KEYS[4], ARGV[7])
+      redis.call('HINCRBY', KEYS[5], 'hits', 1)
+    end
+    local record = redis.call('HGETALL', KEYS[n])
+    table.insert(record, 1, env_id)
     return record
   end
 end
+return false
 """
 
 RESERVE: Final = """
--- KEYS: ready, inflight, known pools. ARGV: ceiling, max in flight, env key prefix, now, region,
--- template, then (env id, token) pairs. Adds what fits under both bounds; returns the ids added.
+-- KEYS: ready, inflight, then each new environment's record. ARGV: ceiling, max in flight, now,
+-- region, template, then (env id, token) of each new environment, in the order of KEYS.
+-- Adds what fits under both bounds; returns the ids added.
 local booting = redis.call('ZCARD', KEYS[2])
 local held = redis.call('ZCARD', KEYS[1]) + booting
 local room = math.min(tonumber(ARGV[1]) - held, tonumber(ARGV[2]) - booting)
 local added = {}
-local i = 7
-while room > 0 and ARGV[i] do
-  local env_key = ARGV[3] .. ARGV[i]
-  if redis.call('EXISTS', env_key) == 0 then
-    redis.call('HSET', env_key, 'state', 'booting', 'region', ARGV[5], 'template', ARGV[6],
-      'token', ARGV[i + 1], 'created_at', ARGV[4], 'unschedulable', '0')
-    redis.call('ZADD', KEYS[2], ARGV[4], ARGV[i])
-    redis.call('SADD', KEYS[3], ARGV[5] .. '/' .. ARGV[6])
-    added[#added + 1] = ARGV[i]
+local n = 3
+while room > 0 and KEYS[n] do
+  local env_id = ARGV[2 * n]
+  if redis.call('EXISTS', KEYS[n]) == 0 then
+    redis.call('HSET', KEYS[n], 'state', 'booting', 'region', ARGV[4], 'template', ARGV[5],
+      'token', ARGV[2 * n + 1], 'created_at', ARGV[3], 'unschedulable', '0')
+    redis.call('ZADD', KEYS[2], ARGV[3], env_id)
+    added[#added + 1] = env_id
     room = room - 1
   end
-  i = i + 2
+  n = n + 1
 end
 return added
 """

@@ -1,13 +1,16 @@
 """Warm pools in Redis: what each pool holds, and the atomic steps that move an environment.
 
-Per pool (``labvirt:pool:{region}:{template}:*``): ``ready`` (sorted set, env id -> ready at),
+Per pool (``labvirt:pool:{<region>/<template>}:*``): ``ready`` (sorted set, env id -> ready at),
 ``inflight`` (env id -> reserved at), ``claimed`` (claimed environments whose VMIs are not yet
 relabelled: env id -> claimed at), ``config`` (JSON), ``health`` (hash: failures, refill time,
 last target) and a short ``lock``; the pool's demand is kept by ``PoolCounters``. Per
-environment: ``labvirt:env:{id}``, a hash (state, region, template, token, times, VMs as JSON);
-a hash rather than one JSON document, so a Lua script can flip its state without decoding it.
+environment, in its pool: ``...:env:<id>``, a hash (state, region, template, token, times, VMs
+as JSON); a hash rather than one JSON document, so a Lua script can flip its state without
+decoding it. ``labvirt:pools:known`` lists the pools (``region/template``).
 
-Every move that two processes could race on is one Lua script (``pool_scripts``).
+Every move that two processes could race on is one Lua script (``pool_scripts``). A pool's keys
+share its hash tag, so each script stays in one hash slot of a Redis Cluster; an environment's
+id alone does not name its pool, so a lookup by id asks every known pool (a few dozen keys).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from typing import Any, Final, Protocol, cast
 import redis
 
 from shared.adapters import pool_scripts
+from shared.adapters.pool_claims import PoolClaims
 from shared.adapters.pool_counters import PoolCounters
+from shared.adapters.pool_records import decode_environment, environment_key, pool_redis_key
 from shared.domain.pools.config import PoolConfig, PoolKey
 from shared.domain.pools.demand import Demand
 from shared.domain.pools.environments import EnvironmentState, WarmEnvironment
@@ -30,8 +35,6 @@ from shared.domain.pools.plan import BootingEntry, PoolHealth, ReadyEntry
 from shared.domain.pools.target import next_refill_estimate
 from shared.domain.sessions import VmView
 
-# A claimed environment's record outlives any session that may hold it.
-CLAIMED_RECORD_SECONDS: Final = 2 * 24 * 3600
 RETIRED_RECORD_SECONDS: Final = 3600
 
 
@@ -70,7 +73,15 @@ class PoolStore(Protocol):
     ) -> bool: ...
     def mark_unschedulable(self, env_id: str, *, unschedulable: bool) -> None: ...
     def retire(self, key: PoolKey, env_id: str) -> bool: ...
-    def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None: ...
+    def claim(
+        self,
+        key: PoolKey,
+        *,
+        session_id: str,
+        at: float,
+        record: bool = False,
+        candidates: Sequence[str] | None = None,
+    ) -> WarmEnvironment | None: ...
     def unbound_claims(self, key: PoolKey, *, before: float) -> list[WarmEnvironment]: ...
     def forget_claim(self, key: PoolKey, env_id: str) -> None: ...
     def record_success(self, key: PoolKey, *, refill_seconds: float) -> None: ...
@@ -86,7 +97,7 @@ class RedisPoolStore:
         self._redis = client
         self._prefix = prefix
         self.counters = PoolCounters(client, prefix=prefix)
-        self._claim = client.register_script(pool_scripts.CLAIM)
+        self.claims = PoolClaims(client, prefix=prefix, counters=self.counters)
         self._reserve = client.register_script(pool_scripts.RESERVE)
         self._mark_ready = client.register_script(pool_scripts.MARK_READY)
         self._retire = client.register_script(pool_scripts.RETIRE)
@@ -96,14 +107,13 @@ class RedisPoolStore:
     # -- keys ---------------------------------------------------------------------------------
 
     def _pool(self, key: PoolKey, part: str) -> str:
-        return f"{self._prefix}:pool:{key.region}:{key.template}:{part}"
+        return pool_redis_key(self._prefix, key, part)
 
-    @property
-    def _env_prefix(self) -> str:
-        return f"{self._prefix}:env:"
+    def _pools(self, key: PoolKey, *parts: str) -> list[str]:
+        return [self._pool(key, part) for part in parts]
 
-    def _env(self, env_id: str) -> str:
-        return self._env_prefix + env_id
+    def _env(self, key: PoolKey, env_id: str) -> str:
+        return environment_key(key, env_id, prefix=self._prefix)
 
     @property
     def _known(self) -> str:
@@ -118,7 +128,7 @@ class RedisPoolStore:
         return default if raw is None else PoolConfig.from_dict(json.loads(raw))
 
     def set_config(self, key: PoolKey, config: PoolConfig) -> None:
-        pipe = self._redis.pipeline()
+        pipe = self._redis.pipeline(transaction=False)  # two hash slots; each write stands alone
         pipe.set(self._pool(key, "config"), json.dumps(config.to_dict()))
         pipe.sadd(self._known, f"{key.region}/{key.template}")
         pipe.execute()
@@ -142,7 +152,7 @@ class RedisPoolStore:
         ready_raw, booting_raw, health_raw = pipe.execute()
         flags_pipe = self._redis.pipeline(transaction=False)
         for env_id, _ in booting_raw:
-            flags_pipe.hget(self._env(_text(env_id)), "unschedulable")
+            flags_pipe.hget(self._env(key, _text(env_id)), "unschedulable")
         flags = flags_pipe.execute() if booting_raw else []
         health = {_text(k): _text(v) for k, v in health_raw.items()}
         return PoolSnapshot(
@@ -187,62 +197,76 @@ class RedisPoolStore:
         if not environments:
             return []
         now = environments[0].created_at
-        args: list[Any] = [ceiling, max_in_flight, self._env_prefix, repr(now)]
-        args += [key.region, key.template]
+        keys = [self._pool(key, "ready"), self._pool(key, "inflight")]
+        args: list[Any] = [ceiling, max_in_flight, repr(now), key.region, key.template]
         for env in environments:
             if (env.region, env.template) != (key.region, key.template):
                 raise ValueError(f"environment {env.id} does not belong to pool {key}")
+            keys.append(self._env(key, env.id))
             args += [env.id, env.token]
-        added = {
-            _text(e)
-            for e in self._reserve(
-                keys=[self._pool(key, "ready"), self._pool(key, "inflight"), self._known],
-                args=args,
-            )
-        }
+        # Known before it holds anything: the reconciler finds a pool's environments from here.
+        self._redis.sadd(self._known, f"{key.region}/{key.template}")
+        added = {_text(e) for e in self._reserve(keys=keys, args=args)}
         return [env for env in environments if env.id in added]
 
     def environment(self, env_id: str) -> WarmEnvironment | None:
-        raw = self._redis.hgetall(self._env(env_id))
-        return _decode_environment(env_id, raw) if raw else None
+        """The environment's record, from whichever known pool holds it."""
+        pools = self._known_pools()
+        pipe = self._redis.pipeline(transaction=False)
+        for key in pools:
+            pipe.hgetall(self._env(key, env_id))
+        raw = next((r for r in pipe.execute() if r), None) if pools else None
+        return decode_environment(env_id, raw) if raw else None
+
+    def _known_pools(self, region: str | None = None) -> list[PoolKey]:
+        members = sorted(_text(m) for m in cast(set[bytes], self._redis.smembers(self._known)))
+        pools = [PoolKey(*member.rsplit("/", 1)) for member in members if "/" in member]
+        return [p for p in pools if region is None or p.region == region]
 
     def mark_ready(self, key: PoolKey, env_id: str, *, vms: Sequence[VmView], at: float) -> bool:
         """Booting -> ready; False when the environment was retired meanwhile."""
         encoded = json.dumps([vm.to_dict() for vm in vms], separators=(",", ":"))
         return bool(
             self._mark_ready(
-                keys=[self._pool(key, "inflight"), self._pool(key, "ready"), self._env(env_id)],
+                keys=[*self._pools(key, "inflight", "ready"), self._env(key, env_id)],
                 args=[env_id, repr(at), encoded],
             )
         )
 
     def mark_unschedulable(self, env_id: str, *, unschedulable: bool) -> None:
-        self._mark_unschedulable(keys=[self._env(env_id)], args=["1" if unschedulable else "0"])
+        env = self.environment(env_id)
+        if env is not None:
+            key = PoolKey(env.region, env.template)
+            flag = "1" if unschedulable else "0"
+            self._mark_unschedulable(keys=[self._env(key, env_id)], args=[flag])
 
     def retire(self, key: PoolKey, env_id: str) -> bool:
         """Take a booting or ready environment out of the pool; True for exactly one caller,
         which then removes its objects from the cluster."""
         return bool(
             self._retire(
-                keys=[self._pool(key, "ready"), self._pool(key, "inflight"), self._env(env_id)],
+                keys=[*self._pools(key, "ready", "inflight"), self._env(key, env_id)],
                 args=[env_id, RETIRED_RECORD_SECONDS],
             )
         )
 
-    def claim(self, key: PoolKey, *, session_id: str, at: float) -> WarmEnvironment | None:
-        """The oldest ready environment, now claimed by ``session_id``; None when none is ready.
-
-        One script: no two sessions ever get the same environment.
+    def claim(
+        self,
+        key: PoolKey,
+        *,
+        session_id: str,
+        at: float,
+        record: bool = False,
+        candidates: Sequence[str] | None = None,
+    ) -> WarmEnvironment | None:
+        """The oldest ready environment, now claimed by ``session_id`` in one script (no two
+        sessions ever get the same one); None when none is ready (``pool_claims``).
+        ``record``: count the claim as an arrival, a hit or a miss (``record_claim``);
+        ``candidates``: the pool's oldest ready ids, if just read (``claims.queue_candidates``).
         """
-        raw = self._claim(
-            keys=[self._pool(key, "ready"), self._pool(key, "claimed")],
-            args=[self._env_prefix, session_id, repr(at), CLAIMED_RECORD_SECONDS],
+        return self.claims.claim(
+            key, session_id=session_id, at=at, record=record, candidates=candidates
         )
-        if not raw:
-            return None
-        env_id, *pairs = cast(list[bytes], raw)
-        fields = {pairs[i]: pairs[i + 1] for i in range(0, len(pairs), 2)}
-        return _decode_environment(_text(env_id), fields)
 
     def unbound_claims(self, key: PoolKey, *, before: float) -> list[WarmEnvironment]:
         """Claimed environments not yet relabelled for their session, claimed before ``before``."""
@@ -252,7 +276,8 @@ class RedisPoolStore:
         found = []
         for raw_id in ids:
             env_id = _text(raw_id)
-            env = self.environment(env_id)
+            raw = self._redis.hgetall(self._env(key, env_id))
+            env = decode_environment(env_id, raw) if raw else None
             if env is None:
                 self.forget_claim(key, env_id)
             else:
@@ -300,13 +325,8 @@ class RedisPoolStore:
     def owned_environment_ids(self, region: str) -> set[str]:
         """Environments the pools of ``region`` hold: booting, ready, or claimed and not yet
         relabelled for their session (their VMIs still carry only the pool's label)."""
-        members = [_text(m) for m in cast(set[bytes], self._redis.smembers(self._known))]
         pipe = self._redis.pipeline(transaction=False)
-        for member in members:
-            pool_region, _, template = member.rpartition("/")
-            if pool_region != region:
-                continue
-            key = PoolKey(region, template)
+        for key in self._known_pools(region):
             for part in ("ready", "inflight", "claimed"):
                 pipe.zrange(self._pool(key, part), 0, -1)
         return {_text(env_id) for ids in pipe.execute() for env_id in ids}
@@ -320,7 +340,8 @@ class RedisPoolStore:
         if not ready:
             return False
         key = PoolKey(region, template)
-        env_key = self._env(environment_id)
+        env_key = self._env(key, environment_id)
+        self._redis.sadd(self._known, f"{region}/{template}")  # first, as in ``reserve``
         if not self._redis.hsetnx(env_key, "state", EnvironmentState.READY.value):
             state = self._redis.hget(env_key, "state")
             return state is not None and _text(state) != EnvironmentState.RETIRED.value
@@ -330,14 +351,13 @@ class RedisPoolStore:
             mapping={
                 "region": region,
                 "template": template,
-                "token": "",
+                # No token: it was lost with the data (an absent one reads as "").
                 "created_at": repr(created_at),
                 "ready_at": repr(created_at),
                 "unschedulable": "0",
             },
         )
         pipe.zadd(self._pool(key, "ready"), {environment_id: created_at})
-        pipe.sadd(self._known, f"{region}/{template}")
         pipe.execute()
         return True
 
@@ -354,24 +374,6 @@ class RedisPoolStore:
         finally:
             if acquired:
                 self._unlock(keys=[name], args=[token])
-
-
-def _decode_environment(env_id: str, raw: dict[Any, Any]) -> WarmEnvironment:
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    vms = json.loads(fields["vms"]) if fields.get("vms") else []
-    return WarmEnvironment(
-        id=env_id,
-        region=fields.get("region", ""),
-        template=fields.get("template", ""),
-        token=fields.get("token", ""),
-        created_at=float(fields.get("created_at", 0.0)),
-        state=EnvironmentState(fields.get("state", EnvironmentState.RETIRED)),
-        ready_at=_optional_float(fields.get("ready_at")),
-        vms=tuple(VmView.from_dict(vm) for vm in vms),
-        session_id=fields.get("session_id"),
-        claimed_at=_optional_float(fields.get("claimed_at")),
-        unschedulable=fields.get("unschedulable") == "1",
-    )
 
 
 def _optional_float(value: str | None) -> float | None:

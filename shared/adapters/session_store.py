@@ -5,23 +5,43 @@ is retried when another process changed the session in between, so concurrent AP
 workers and reapers never lose each other's writes. The same MULTI re-indexes the session's
 deadlines (``shared.domain.lifecycle.deadlines``) and appends the progress event of a state
 change to the session's stream: a document, its deadlines and its event log never disagree, and
-a process that dies mid-update leaves all three as they were.
+a process that dies mid-update leaves all three as they were. Every key that MULTI names is in
+the session's hash slot (``session_indexes``), so it runs on a Redis Cluster too.
+
+An ended or failed session leaves nothing behind for long: the transaction that makes it final
+drops it from every live index and gives its document and its event stream the ended retention
+(``LABVIRT_ENDED_RETENTION_SECONDS``) as TTL, and so does the record of the warm environment it
+claimed, right after.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 import structlog
 
 from shared.adapters import session_events
+from shared.adapters.connections import disconnected_key
+from shared.adapters.guarded_writes import GUARDED_WRITE, WriteRecorder
+from shared.adapters.hash_tags import session_tag
+from shared.adapters.pool_records import environment_key
+from shared.adapters.script_batches import ScriptBatch
+from shared.adapters.session_indexes import (
+    LiveCount,
+    SessionIndexes,
+    deadline_key,
+    region_booting_key,
+    region_key,
+    region_template_key,
+    session_key,
+    user_key,
+)
+from shared.adapters.user_locks import HeldLock, ReadAlong, UserBusy, UserLocks
 from shared.domain.lifecycle import (
     DEADLINE_KINDS,
     DeadlineKind,
@@ -30,13 +50,16 @@ from shared.domain.lifecycle import (
     deadlines,
     transition_event,
 )
-from shared.domain.sessions import Session, SessionId
+from shared.domain.pools.config import PoolKey
+from shared.domain.sessions import Session, SessionId, SessionState
+from shared.metrics.sessions import record_transition
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "labvirt"
-FINISHED_RETENTION_SECONDS = 24 * 3600
-_MGET_CHUNK = 1000
+# The default of LABVIRT_ENDED_RETENTION_SECONDS: long enough for the learner's page to read
+# how its session ended, short enough that a busy day's ended sessions do not fill Redis.
+FINISHED_RETENTION_SECONDS = 3600
 # How long a new session may wait for its replica before the create answers anyway.
 REPLICA_WAIT_MS = 1000
 
@@ -45,47 +68,17 @@ class SessionNotFound(LookupError):
     pass
 
 
-class UserBusy(RuntimeError):
-    """Another request holds this user's lock for longer than a request should wait."""
-
-
-def session_key(session_id: str) -> str:
-    return f"{PREFIX}:session:{session_id}"
-
-
-def _deadline_key(kind: str) -> str:
-    return f"{PREFIX}:deadline:{kind}"
-
-
-def _user_key(user: str) -> str:
-    return f"{PREFIX}:user:{user}"
-
-
-def _region_key(region: str) -> str:
-    return f"{PREFIX}:live:{region}"
-
-
-def _region_template_key(region: str, template: str) -> str:
-    """The live sessions of one template in one region: what a region's load is counted from."""
-    return f"{PREFIX}:live-template:{region}:{template}"
-
-
-def _user_lock_key(user: str) -> str:
-    return f"{PREFIX}:user-lock:{user}"
-
-
 @dataclass(frozen=True)
-class LiveCount:
-    """Sessions not yet final in one region: all of them, and those indexed by template."""
+class HeldUser:
+    """Inside the user's lock: the user's sessions and the reads asked for ``along``, from the
+    round trip that took it, and the batch its release sends (``user_locks.HeldLock``)."""
 
-    total: int
-    by_template: Mapping[str, int]
+    lock: HeldLock
+    sessions: list[Session] = field(default_factory=list)
 
     @property
-    def unindexed(self) -> int:
-        """Sessions of no template asked about (stored before the per-template index, or of
-        a template no longer configured)."""
-        return max(0, self.total - sum(self.by_template.values()))
+    def read(self) -> Mapping[str, Any]:
+        return self.lock.read
 
 
 class RedisSessionStore:
@@ -95,20 +88,43 @@ class RedisSessionStore:
         *,
         policy: DeadlinePolicy | None = None,
         replicas_to_wait_for: int = 0,
+        ended_retention_seconds: int = FINISHED_RETENTION_SECONDS,
+        scripted: bool = False,
     ) -> None:
         """``replicas_to_wait_for``: with replicas (Sentinel), a new session is on that many
         of them before ``add`` returns, so a failover right after cannot lose a session the
-        frontend was already told about (replication is otherwise asynchronous)."""
+        frontend was already told about (replication is otherwise asynchronous).
+
+        ``ended_retention_seconds``: how long what an ended or failed session wrote stays.
+
+        ``scripted``: Redis runs Lua (a real server): a new session can be stored by a script
+        in the round trip that releases the user's lock, which a script releases (fakeredis,
+        in tests, runs none)."""
         self._redis = client
         self._policy = policy or DeadlinePolicy()
         self._replicas = replicas_to_wait_for
+        self._ended_retention = ended_retention_seconds
+        self._indexes = SessionIndexes(client)
+        self._locks = UserLocks(client, scripted=scripted)
 
     @property
     def policy(self) -> DeadlinePolicy:
         return self._policy
 
-    def add(self, session: Session) -> None:
-        """Store a new session; its first progress event (``queued``, or ``ready`` if warm)."""
+    @property
+    def client(self) -> redis.Redis:
+        return self._redis
+
+    def add(self, session: Session, *, held: HeldUser | None = None) -> None:
+        """Store a new session; its first progress event (``queued``, or ``ready`` if warm).
+
+        ``held``: its user's lock. Where its release can carry them (``held.lock.batch``),
+        the same writes go in the release's round trip, as one script that makes them only if
+        the id is new (``guarded_writes``); not when replicas must have a new session before
+        the answer (``replicas_to_wait_for``)."""
+        if held is not None and held.lock.batch is not None and not self._replicas:
+            self._queue_insert(held.lock.batch, session)
+            return
         if not self._insert(session, announce=True):
             raise ValueError(f"session {session.id} already exists")
         if self._replicas:
@@ -129,8 +145,26 @@ class RedisSessionStore:
             )
         return stored
 
+    def _queue_insert(self, batch: ScriptBatch, session: Session) -> None:
+        key = session_key(session.id)
+        writes = WriteRecorder(guard=key)
+        writes.set(key, _encode(session))
+        event = transition_event(None, session)
+        if event is not None:  # a new session always has one: queued, or ready if warm
+            session_events.append(writes, session.id, event)
+        self._index(writes, session)
+
+        def stored(answer: Any) -> None:
+            if not int(answer):
+                raise ValueError(f"session {session.id} already exists")
+            _log_transition(None, session)
+
+        batch.script(GUARDED_WRITE, keys=writes.keys, args=writes.args, check=stored)
+        session_events.notify(batch.pipe, session.id)  # after it: a notice for a stored session
+
     def _insert(self, session: Session, *, announce: bool) -> bool:
         key = session_key(session.id)
+        event = transition_event(None, session) if announce else None
 
         def attempt(pipe: Any) -> bool:
             # Check before queueing anything: a refused add must leave the existing session's
@@ -140,28 +174,24 @@ class RedisSessionStore:
                 return False
             pipe.multi()
             pipe.set(key, _encode(session))
-            self._index(pipe, session)
-            event = transition_event(None, session) if announce else None
             if event is not None:
                 session_events.append(pipe, session.id, event)
+            self._index(pipe, session)  # after the append: a final session's TTLs win
             return True
 
-        return bool(self._redis.transaction(attempt, key, value_from_callable=True))  # type: ignore[arg-type]
+        stored = bool(self._redis.transaction(attempt, key, value_from_callable=True))  # type: ignore[arg-type]
+        if stored:
+            self._after_commit(session, notify=event is not None)
+        return stored
 
     def get(self, session_id: str) -> Session | None:
         raw = self._redis.get(session_key(session_id))
         return None if raw is None else _decode(raw)
 
     def get_many(self, session_ids: list[str]) -> dict[str, Session]:
-        """The documents that exist among ``session_ids`` (one round trip per thousand)."""
-        found: dict[str, Session] = {}
-        for start in range(0, len(session_ids), _MGET_CHUNK):
-            chunk = session_ids[start : start + _MGET_CHUNK]
-            raws = cast(list[Any], self._redis.mget([session_key(i) for i in chunk]))
-            for session_id, raw in zip(chunk, raws, strict=True):
-                if raw is not None:
-                    found[session_id] = _decode(raw)
-        return found
+        """The documents that exist among ``session_ids`` (one round trip)."""
+        found = self._indexes.documents(session_ids)
+        return {i: _decode(found[i]) for i in session_ids if i in found}
 
     def require(self, session_id: str) -> Session:
         session = self.get(session_id)
@@ -185,9 +215,11 @@ class RedisSessionStore:
         """
         key = session_key(session_id)
         committed: list[tuple[Session, Session]] = []
+        appended: list[ProgressEvent] = []
 
         def attempt(pipe: Any) -> Session:
             committed.clear()
+            appended.clear()
             raw = pipe.get(key)
             if raw is None:
                 raise SessionNotFound(session_id)
@@ -198,46 +230,45 @@ class RedisSessionStore:
                 return current
             if updated is not current:
                 pipe.set(key, _encode(updated))
-            self._index(pipe, updated)
             # ``announce``'s event first: it tells what led to the state change, if any.
             events = [announce(current, updated) if announce is not None else None]
             events.append(transition_event(current, updated))
             for event in events:
                 if event is not None:
                     session_events.append(pipe, updated.id, event)
+                    appended.append(event)
+            self._index(pipe, updated)  # after the appends: a final session's TTLs win
             committed.append((current, updated))
             return updated
 
         result = self._redis.transaction(attempt, key, value_from_callable=True)  # type: ignore[arg-type]
+        if committed:
+            self._after_commit(committed[0][1], notify=bool(appended))
         if committed and committed[0][0].state is not committed[0][1].state:
             _log_transition(*committed[0])
         return cast(Session, result)
 
     def user_sessions(self, user: str) -> list[Session]:
-        ids = sorted(_text(i) for i in cast(set[Any], self._redis.smembers(_user_key(user))))
-        return list(self.get_many(ids).values())
+        return list(self.get_many(self._indexes.user_ids(user)).values())
 
     def region_sessions(self, region: str) -> dict[str, Session]:
         """Every session not yet final in ``region``, by id; forgets ids whose document is gone."""
-        ids = sorted(_text(i) for i in cast(set[Any], self._redis.smembers(_region_key(region))))
+        ids = self._indexes.region_ids(region)
         found = self.get_many(ids)
         missing = [i for i in ids if i not in found]
         if missing:
-            self._redis.srem(_region_key(region), *missing)
+            self._indexes.forget_region_ids(region, missing)
         return found
 
     def live_sessions(self) -> list[Session]:
         """Every live session of every region (operators' listings, not hot paths)."""
-        ids: set[str] = set()
-        for key in self._redis.scan_iter(match=_region_key("*"), count=1000):
-            ids.update(_text(i) for i in cast(set[Any], self._redis.smembers(key)))
-        return [s for s in self.get_many(sorted(ids)).values() if s.is_live]
+        return [s for s in self.get_many(self._indexes.live_ids()).values() if s.is_live]
 
     def finished_sessions(self, *, limit: int) -> list[Session]:
         """Up to ``limit`` sessions still kept after their end (scanned, for operators)."""
         found: list[Session] = []
         batch: list[str] = []
-        for key in self._redis.scan_iter(match=session_key("*"), count=1000):
+        for key in self._redis.scan_iter(match=f"{PREFIX}:session:*", count=1000):
             batch.append(_text(key).rsplit(":", 1)[-1])
             if len(batch) >= 500:
                 found += [s for s in self.get_many(batch).values() if s.is_final]
@@ -249,86 +280,84 @@ class RedisSessionStore:
         return found[:limit]
 
     def live_counts(self, regions: Sequence[str], templates: Sequence[str]) -> dict[str, LiveCount]:
-        """How many sessions not yet final each region holds, in all and per template (one
-        round trip; the counts come from the indexes the session's own transactions keep)."""
-        pipe = self._redis.pipeline(transaction=False)
-        for region in regions:
-            pipe.scard(_region_key(region))
-            for template in templates:
-                pipe.scard(_region_template_key(region, template))
-        counts = iter(int(n) for n in pipe.execute())
-        found: dict[str, LiveCount] = {}
-        for region in regions:
-            total = next(counts)
-            found[region] = LiveCount(total, {t: next(counts) for t in templates})
-        return found
+        return self._indexes.live_counts(regions, templates)
 
     def due(self, kind: str, now: float, limit: int) -> list[SessionId]:
         """Sessions whose ``kind`` deadline has passed, oldest first, at most ``limit``."""
-        ids = self._redis.zrangebyscore(_deadline_key(kind), "-inf", now, start=0, num=limit)
-        return [SessionId(_text(i)) for i in cast(list[bytes], ids)]
+        return self._indexes.due(kind, now, limit)
 
     def forget_deadline(self, kind: str, session_id: str) -> None:
         """Drop a deadline whose session document is gone (nothing is left to act on)."""
-        self._redis.zrem(_deadline_key(kind), session_id)
+        self._indexes.forget_deadline(kind, session_id)
 
     def count_deadlines(self, kind: str) -> int:
-        return int(self._redis.zcard(_deadline_key(kind)))
+        return self._indexes.count_deadlines(kind)
 
     def deadline(self, kind: str, session_id: str) -> float | None:
-        score = self._redis.zscore(_deadline_key(kind), session_id)
-        return None if score is None else float(score)
+        return self._indexes.deadline(kind, session_id)
 
     @contextmanager
     def user_lock(
-        self, user: str, *, ttl_seconds: float = 10.0, wait_seconds: float = 5.0
-    ) -> Iterator[None]:
-        """Hold the user's lock: one create at a time per user, across API processes.
-
-        A plain ``SET NX PX`` with a random value; released only by its holder (compared under
-        WATCH, no Lua needed), and expiring by itself if the holder dies.
-        """
-        key = _user_lock_key(user)
-        token = secrets.token_hex(16)
-        deadline = time.monotonic() + wait_seconds
-        pause = 0.005
-        while not self._redis.set(key, token, nx=True, px=int(ttl_seconds * 1000)):
-            if time.monotonic() >= deadline:
-                raise UserBusy(user)
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-        try:
-            yield
-        finally:
-
-            def release(pipe: Any) -> None:
-                held = pipe.get(key)
-                pipe.multi()
-                if held is not None and _text(held) == token:
-                    pipe.delete(key)
-
-            self._redis.transaction(release, key)
+        self,
+        user: str,
+        *,
+        ttl_seconds: float = 10.0,
+        wait_seconds: float = 5.0,
+        along: Mapping[str, ReadAlong] | None = None,
+        once: ReadAlong | None = None,
+    ) -> Iterator[HeldUser]:
+        """Hold the user's lock (``user_locks``): one create at a time per user, across API
+        processes. Inside, the user's sessions as they were when it was taken, and what the
+        reads ``along`` found in the same round trip (``once``: sent on the first attempt
+        only, and its reader may refuse the hold)."""
+        hold = self._locks.hold(
+            user, ttl_seconds=ttl_seconds, wait_seconds=wait_seconds, along=along, once=once
+        )
+        with hold as lock:
+            sessions = self.get_many(lock.session_ids)
+            yield HeldUser(lock, [sessions[i] for i in lock.session_ids if i in sessions])
 
     def _index(self, pipe: Any, session: Session) -> None:
+        """Queue the session's index entries: all in its shard, the slot of its document."""
+        tag = session_tag(session.id)
         due = deadlines(session, self._policy)
         for kind in DEADLINE_KINDS:
             score = due.get(kind)
             if score is None:
-                pipe.zrem(_deadline_key(kind), session.id)
+                pipe.zrem(deadline_key(kind, tag), session.id)
             else:
-                pipe.zadd(_deadline_key(kind), {session.id: score})
+                pipe.zadd(deadline_key(kind, tag), {session.id: score})
+        booting = pipe.sadd if session.state is SessionState.PROVISIONING else pipe.srem
+        booting(region_booting_key(session.region, tag), session.id)
         if session.is_final:
-            pipe.srem(_user_key(session.user), session.id)
-            pipe.srem(_region_key(session.region), session.id)
-            pipe.srem(_region_template_key(session.region, session.template), session.id)
-            pipe.expire(session_key(session.id), FINISHED_RETENTION_SECONDS)
+            pipe.srem(user_key(session.user, tag), session.id)
+            pipe.srem(region_key(session.region, tag), session.id)
+            pipe.srem(region_template_key(session.region, session.template, tag), session.id)
+            # No reaper needs to close it as disconnected any more.
+            pipe.zrem(disconnected_key(tag), session.id)
+            retention = self._ended_retention
+            pipe.expire(session_key(session.id), retention)
+            pipe.expire(session_events.events_key(session.id), retention)
             return
-        pipe.sadd(_user_key(session.user), session.id)
-        pipe.sadd(_region_key(session.region), session.id)
-        pipe.sadd(_region_template_key(session.region, session.template), session.id)
+        pipe.sadd(user_key(session.user, tag), session.id)
+        pipe.sadd(region_key(session.region, tag), session.id)
+        pipe.sadd(region_template_key(session.region, session.template, tag), session.id)
+
+    def _after_commit(self, session: Session, *, notify: bool) -> None:
+        """What stays out of the session's MULTI, which keeps to the session's hash slot: the
+        gateways' wake-up notice (``session_events.notify``), and the ended retention for the
+        pool's record of the environment an ended warm session claimed (the record is in its
+        pool's slot). Should this step be lost, streams read anyway and the record's own TTL
+        still ends it."""
+        if notify:
+            session_events.notify(self._redis, session.id)
+        if session.is_final and session.warm:
+            pool = PoolKey(session.region, session.template)
+            self._redis.expire(environment_key(pool, session.environment_id), self._ended_retention)
 
 
 def _log_transition(before: Session | None, after: Session) -> None:
+    record_transition(before, after)
     last = after.history[-1] if after.history else None
     log.info(
         "session.transition",
@@ -362,4 +391,5 @@ __all__ = [
     "RedisSessionStore",
     "SessionNotFound",
     "UserBusy",
+    "session_key",
 ]

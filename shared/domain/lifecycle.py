@@ -22,6 +22,7 @@ class DeadlineKind(StrEnum):
     """What a deadline sorted set is about; the reaper visits them in this order."""
 
     STARTUP = "startup"
+    PROVISION = "provision"  # a provision whose environment is not created yet: ask again
     LIFETIME = "lifetime"
     IDLE = "idle"
     TEARDOWN = "teardown"
@@ -108,6 +109,9 @@ class DeadlinePolicy:
     expiry_warning_seconds: float = 300.0
     # A session still ``terminating`` this long after its teardown was asked for gets another.
     teardown_retry_seconds: float = 300.0
+    # A provisioning session whose environment is not created this long after its provision
+    # was asked for gets another (its worker died holding the task; provisions are idempotent).
+    provision_retry_seconds: float = 15.0
 
 
 def ending(session: Session) -> tuple[DeadlineKind, float]:
@@ -143,6 +147,11 @@ def deadlines(session: Session, policy: DeadlinePolicy) -> dict[DeadlineKind, fl
             due[DeadlineKind.WARNING] = warn
     if session.state is SessionState.PROVISIONING and session.startup_expires_at is not None:
         due[DeadlineKind.STARTUP] = session.startup_expires_at
+    if session.state is SessionState.PROVISIONING and not session.environment_created:
+        asked = session.provision_requested_at
+        if asked is None:  # the first provision, queued as the session opened
+            asked = session.created_at
+        due[DeadlineKind.PROVISION] = asked + policy.provision_retry_seconds
     if session.state is SessionState.TERMINATING:
         asked = session.teardown_requested_at
         if asked is None:  # written before the field existed: count from the transition
@@ -155,6 +164,7 @@ class Effect(StrEnum):
     """What the reaper must do once the new session is stored."""
 
     TEARDOWN = "teardown"  # enqueue the teardown of the environment
+    PROVISION = "provision"  # enqueue the provision of the environment again
     WARN = "warn"  # emit ``expiring-soon``
 
 
@@ -195,6 +205,11 @@ def on_deadline(
         if retry_at is not None and now >= retry_at:
             again = replace(session, teardown_requested_at=now)
             return DeadlineOutcome(again, Effect.TEARDOWN, {"retry": True})
+    elif kind is DeadlineKind.PROVISION:
+        retry_at = deadlines(session, policy).get(DeadlineKind.PROVISION)
+        if retry_at is not None and now >= retry_at:
+            again = replace(session, provision_requested_at=now)
+            return DeadlineOutcome(again, Effect.PROVISION, {"retry": True})
     elif kind is DeadlineKind.WARNING:
         warn = warning_at(session, policy)
         if warn is not None and now >= warn:
@@ -255,6 +270,12 @@ class Admission:
     session: Session | None = None
     to_close: tuple[Session, ...] = ()
     conflicting: tuple[Session, ...] = ()
+
+    @property
+    def counts_as_demand(self) -> bool:
+        """Whether this create is a new arrival for the pool's demand: a reconnect is not, nor
+        a replace of the user's live session (one learner asking again, however often)."""
+        return self.decision is Decision.OPEN and not self.to_close
 
 
 def admit(

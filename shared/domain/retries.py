@@ -1,5 +1,6 @@
-"""Second chances: a boot that failed gets one fresh environment, and an operator may reopen a
-session that failed once its cause is gone.
+"""Second chances: a boot that failed gets one fresh environment, an operator may reopen a
+session that failed once its cause is gone, and a provision lost with its worker is asked for
+again until the session records its environment created.
 
 Pure rules over ``Session``; ``shared.session_life`` applies them. A fresh environment is a
 new environment id (new VMs, new names), so nothing of the failed one is reused; the failed
@@ -35,8 +36,11 @@ def may_replace(session: Session, *, now: float, boot_seconds: float) -> bool:
     return deadline is None or now + boot_seconds < deadline
 
 
-def with_fresh_environment(session: Session, *, environment_id: EnvironmentId) -> Session:
-    """The provisioning session moved onto a new environment (its VM views start over)."""
+def with_fresh_environment(
+    session: Session, *, environment_id: EnvironmentId, at: float
+) -> Session:
+    """The provisioning session moved onto a new environment (its VM views start over), whose
+    provision is asked for ``at`` that moment."""
     if session.state is not SessionState.PROVISIONING:
         raise IllegalTransition(session.state, SessionState.PROVISIONING)
     return replace(
@@ -44,7 +48,21 @@ def with_fresh_environment(session: Session, *, environment_id: EnvironmentId) -
         environment_id=environment_id,
         vms=(),
         replacements=session.replacements + 1,
+        provision_requested_at=at,
     )
+
+
+def with_environment_created(session: Session, *, environment_id: EnvironmentId) -> Session:
+    """A provision created every object of ``environment_id``: the session stops asking for
+    provisions, unless it has moved on to another environment meanwhile (then it is unchanged,
+    as it is when it is no longer provisioning or already knew)."""
+    if (
+        session.state is not SessionState.PROVISIONING
+        or session.environment_id != environment_id
+        or session.environment_created
+    ):
+        return session
+    return replace(session, created_environment=environment_id)
 
 
 def reopened(session: Session, *, environment_id: EnvironmentId, at: float) -> Session:
@@ -70,4 +88,5 @@ def reopened(session: Session, *, environment_id: EnvironmentId, at: float) -> S
         last_seen_at=max(session.last_seen_at, at),
         startup_expires_at=None if span is None else at + span,
         history=history,
+        provision_requested_at=at,
     )

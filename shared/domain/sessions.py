@@ -151,10 +151,19 @@ class Session:
     environment_token: str = field(default_factory=new_environment_token, repr=False)
     # Fresh environments this session was given after a boot failed (``shared.domain.retries``).
     replacements: int = 0
+    # When a provision was last asked for (None: as the session opened), and the environment
+    # whose objects a provision finished creating: until that is this session's environment,
+    # the reaper asks again (``shared.domain.lifecycle.deadlines``).
+    provision_requested_at: float | None = None
+    created_environment: EnvironmentId | None = None
 
     @property
     def idle_expires_at(self) -> float:
         return self.last_seen_at + self.idle_timeout_seconds
+
+    @property
+    def environment_created(self) -> bool:
+        return self.created_environment == self.environment_id
 
     @property
     def is_final(self) -> bool:
@@ -267,6 +276,8 @@ class Session:
             "ended_by": self.ended_by,
             "environment_token": self.environment_token,
             "replacements": self.replacements,
+            "provision_requested_at": self.provision_requested_at,
+            "created_environment": self.created_environment,
         }
 
     @classmethod
@@ -295,6 +306,12 @@ class Session:
             ended_by=data.get("ended_by"),
             # Recorded before labvirt stored a token: the one it derived then.
             replacements=int(data.get("replacements") or 0),
+            provision_requested_at=_optional_float(data.get("provision_requested_at")),
+            created_environment=(
+                EnvironmentId(str(data["created_environment"]))
+                if data.get("created_environment")
+                else None
+            ),
             environment_token=str(
                 data.get("environment_token")
                 or legacy_environment_token(str(data["token_hash"]), str(data["environment_id"]))

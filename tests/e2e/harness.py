@@ -7,6 +7,7 @@ Kubernetes client: nothing in-process, nothing eager.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +23,24 @@ from kubernetes import client, config
 
 from shared.adapters.redis_server import free_port
 
-FRONTEND_TOKEN = "e2e-frontend-token-0123456789"
-ADMIN_TOKEN = "e2e-admin-token-0123456789abc"
+# Strong enough for the start-up check (shaped as `secrets.token_hex(16)` makes them).
+FRONTEND_TOKEN = "e2e-frontend-1679091c5a880faf6fb5e6087eb1b2dc"
+ADMIN_TOKEN = "e2e-admin-8f14e45fceea167a5a36dedd4bea2543"
+SCRAPE_TOKEN = "e2e-scrape-c4ca4238a0b923820dcc509a6f75849b"
 NAMESPACE = "default"
 SHORT_LIFETIME_SECONDS = 6
+E2E_RATE_LIMITS = {
+    "LABVIRT_LIMIT_CREATES_PER_USER": "100000/minute",
+    "LABVIRT_LIMIT_CREATES_PER_FRONTEND_TOKEN": "100000/minute",
+    "LABVIRT_LIMIT_BROWSER_PER_IP": "100000/minute",
+}
+# Region caps and pool budget for the tests' loads (the defaults suit a small installation);
+# set in the environment, they win (`make pool-load` raises them for its 500 creates).
+E2E_REGION_LIMITS = {
+    "LABVIRT_REGION_MAX_LIVE_SESSIONS": "1000",
+    "LABVIRT_REGION_MAX_BOOTING": "400",
+    "LABVIRT_REGION_POOL_BUDGET_VMS": "100",
+}
 
 
 def wait_until(
@@ -62,6 +77,9 @@ class Proc:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+WORKER_READY = re.compile(r"@[^\s\"]+ ready\.")
 
 
 def start(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Proc:
@@ -164,6 +182,9 @@ class System:
     http: requests.Session = field(default_factory=requests.Session)
     env: dict[str, str] = field(default_factory=dict)  # what the processes were started with
     api_url: str = ""  # the API itself, behind the gateway
+    # Where `worker`, `beat` and `prewarm` serve /metrics (processes started later from
+    # ``env`` serve none: LABVIRT_METRICS_PORT=0 there).
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def call(
         self, method: str, path: str, *, token: str | None = FRONTEND_TOKEN, **kwargs: Any
@@ -244,21 +265,33 @@ def start_system(
             "LABVIRT_GATEWAY_API_URL": f"http://127.0.0.1:{port}",
             "LABVIRT_FRONTEND_TOKENS": FRONTEND_TOKEN,
             "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
+            "LABVIRT_METRICS_TOKENS": SCRAPE_TOKEN,
+            "LABVIRT_METRICS_PORT": "0",
             "LABVIRT_TEMPLATES": str(templates_file(tmp)),
             "LABVIRT_REAPER_INTERVAL_SECONDS": "1",
+            # The tests create and heartbeat many sessions quickly from one frontend token
+            # and one address: limits high enough for that load, still checked on every call.
+            **E2E_RATE_LIMITS,
             "LABVIRT_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
         }
     )
+    for name, value in E2E_REGION_LIMITS.items():
+        env.setdefault(name, value)
     env.update(extra_env or {})
+    metrics_ports = {name: free_port() for name in ("worker", "beat", "prewarm")}
+
+    def env_of(name: str) -> dict[str, str]:
+        port = metrics_ports.get(name)
+        return env if port is None else {**env, "LABVIRT_METRICS_PORT": str(port)}
+
     procs = {
-        name: start(name, [sys.executable, "-m", "labvirt.cli", name], env, tmp)
+        name: start(name, [sys.executable, "-m", "labvirt.cli", name], env_of(name), tmp)
         for name in ("api", "gateway", "worker", "beat")
     }
     # Warm pools boot on a worker of their own, as in production (the `prewarm` queue).
-    procs["prewarm"] = start(
-        "prewarm", [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"], env, tmp
-    )
+    prewarm = [sys.executable, "-m", "labvirt.cli", "worker", "--queues", "prewarm"]
+    procs["prewarm"] = start("prewarm", prewarm, env_of("prewarm"), tmp)
     system = System(
         f"http://127.0.0.1:{gateway_port}",
         sim,
@@ -266,6 +299,7 @@ def start_system(
         procs,
         env=env,
         api_url=f"http://127.0.0.1:{port}",
+        metrics_ports=metrics_ports,
     )
 
     def api_ready() -> bool:
@@ -274,11 +308,20 @@ def start_system(
                 raise AssertionError(f"{proc.name} exited early:\n{proc.tail()}")
         try:
             return requests.get(system.base_url + "/readyz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # still starting, on a busy machine
             return False
+
+    def workers_ready() -> bool:
+        # Celery logs "<name>@<host> ready." once it consumes: before that, a test's short
+        # clocks (an idle timeout of seconds) would run against a worker still starting.
+        return all(
+            WORKER_READY.search(procs[name].log.read_text(errors="replace"))
+            for name in ("worker", "prewarm")
+        )
 
     try:
         wait_until(api_ready, timeout=60, what="the API to answer /readyz through the gateway")
+        wait_until(workers_ready, timeout=60, what="the workers to consume their queues")
     except BaseException:
         system.stop()
         raise

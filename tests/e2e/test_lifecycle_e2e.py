@@ -28,6 +28,7 @@ import requests
 import yaml
 from kubernetes import client
 
+from shared.adapters.session_indexes import session_key
 from tests.conftest import claim_redis_database, flush_database
 from tests.e2e.harness import NAMESPACE, System, start, start_system, wait_until
 
@@ -379,7 +380,7 @@ def test_after_flushdb_the_reconciler_restores_every_live_session(
             continue
         owner = vmi["metadata"]["labels"].get("labvirt.io/session")
         assert owner is not None, vmi["metadata"]["name"]
-        document = store.get(f"labvirt:session:{owner}")
+        document = store.get(session_key(owner))
         assert document is not None, owner
         assert json.loads(document)["state"] in {"provisioning", "ready", "terminating"}
     store.close()

@@ -185,6 +185,12 @@ def test_two_prewarmers_never_push_a_pool_above_target_plus_one_batch(
 ) -> None:
     # A second beat: every tick runs twice, at the same moment, on the worker's threads.
     second_beat = start("beat2", [sys.executable, "-m", "labvirt.cli", "beat"], pools.env, tmp_path)
+    # Both beats tick before the pool moves (a process starting on a busy machine takes seconds).
+    wait_until(
+        lambda: "prewarm-pools" in second_beat.log.read_text(),
+        timeout=60,
+        what="the second beat's first prewarm tick",
+    )
     target, batch = 6, int(PREWARM_ENV["LABVIRT_PREWARM_BATCH"])
     seen: list[int] = []
     stop = threading.Event()

@@ -80,7 +80,7 @@ COMMANDS = [argv for argv in ALL_COMMANDS if argv[1] != "ops"]
 OPS_COMMANDS = [argv for argv in ALL_COMMANDS if argv[1] == "ops"]
 # The failed task the README's examples name: its id is derived from the task and payload.
 README_FAILURE = ("labvirt.provision", {"session_id": "s-5f1c0e3b9a7d2c4e6f8a0b1c"})
-ADMIN_TOKEN = "readme-admin-token-0123456789"
+ADMIN_TOKEN = "readme-admin-c9f0f895fb98ab9159f51fd0297e236d"
 
 
 def _option(argv: list[str], name: str) -> str | None:
@@ -200,6 +200,8 @@ def environment(own_redis_url: str, simulator: Simulator) -> dict[str, str]:
             "LABVIRT_GATEWAY_HOST": "127.0.0.1",
             "LABVIRT_GATEWAY_PORT": str(free_port()),
             "LABVIRT_ADMIN_TOKENS": ADMIN_TOKEN,
+            # Workers and beat serve /metrics: on a port of their own, not the shared default.
+            "LABVIRT_METRICS_PORT": str(free_port()),
             "LABVIRT_LOG_FORMAT": "json",
             "PYTHONUNBUFFERED": "1",
         }

@@ -199,7 +199,7 @@ def test_the_next_nearest_region_takes_learners_when_the_nearest_is_full(
         f"nearest region eu is full; next nearest ({km(PARIS, VIRGINIA)})"
     )
     assert named.status_code == 503, named.text
-    assert named.json()["error"]["code"] == "region_full"
+    assert named.json()["code"] == "region_full"
     assert int(named.headers["Retry-After"]) > 0
     ready_in_its_region_only(regions, overflow)
     close_and_wait_gone(regions, [*first, overflow])
@@ -223,7 +223,7 @@ def test_a_drained_region_takes_no_new_session(regions: Regions) -> None:
     assert moved["region"] == "us"
     assert moved["region_reason"].startswith("nearest region eu is drained; next nearest")
     assert named.status_code == 503, named.text
-    assert named.json()["error"]["code"] == "region_drained"
+    assert named.json()["code"] == "region_drained"
     ready_in_its_region_only(regions, moved)
     close_and_wait_gone(regions, [moved])
 
@@ -266,7 +266,7 @@ def test_a_region_that_goes_down_is_passed_over_and_stops_nothing_elsewhere(
     assert moved["region"] == "us"
     assert moved["region_reason"].startswith("nearest region eu is down; next nearest")
     assert named.status_code == 503, named.text
-    assert named.json()["error"]["code"] == "region_down"
+    assert named.json()["code"] == "region_down"
     # The other region goes on: the session boots there and is torn down there.
     ready_in_its_region_only(regions, moved)
     close_and_wait_gone(regions, [moved])

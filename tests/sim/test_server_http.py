@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import calendar
 import http.client
 import json
+import time
 from urllib.parse import urlparse
 
 import pytest
@@ -687,3 +689,28 @@ def test_crash_and_stats(sim, api):
     assert stats["objects"]["virtualmachineinstances.kubevirt.io"] >= 1
     assert int(stats["resourceVersion"]) > 100
     assert {"watchers", "watchStreams", "requests"} <= set(stats)
+
+
+def test_timeline_times_each_create_and_first_readiness_below_the_second(api):
+    before = time.time()
+    status, _, created = api.call("POST", VMIS, vmi("timeline-1", t="1"))
+    answered = time.time()
+    assert status == 201
+
+    def entry():
+        _, _, body = api.call("GET", "/_sim/timeline")
+        found = [e for e in body["vmis"] if e["name"] == "timeline-1"]
+        return found[0] if found and found[0]["ready"] is not None else None
+
+    timed = wait_until(entry, timeout=10)
+    assert timed["uid"] == created["metadata"]["uid"]
+    assert timed["labels"] == {"t": "1"}
+    assert before <= timed["createReceived"] <= timed["created"] <= answered
+    _, _, current = api.call("GET", f"{VMIS}/timeline-1")
+    condition = next(c for c in current["status"]["conditions"] if c["type"] == "Ready")
+    transition = calendar.timegm(
+        time.strptime(condition["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ")
+    )
+    # The condition keeps whole seconds; the timeline the same moment, to the microsecond.
+    assert transition <= timed["ready"] < transition + 1
+    assert timed["ready"] > timed["created"]

@@ -90,10 +90,11 @@ def run_ops(server: str, *argv: str, token: str = ADMIN) -> tuple[int, str, str]
 
 def test_failed_tasks_are_for_admins_only(runtime: Runtime) -> None:
     client = create_app(runtime).test_client()
-    for token in (None, FRONTEND, "nobody-" + "x" * 20):
+    for token, status in ((None, 401), ("nobody-" + "x" * 20, 401), (FRONTEND, 403)):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = client.get("/v1/admin/failed", headers=headers)
-        assert response.status_code == 401, (token, response.get_json())
+        assert response.status_code == status, (token, response.get_json())
+        assert response.mimetype == "application/problem+json"
     assert client.get("/v1/admin/failed", headers={"Authorization": f"Bearer {ADMIN}"}).is_json
 
 
@@ -162,12 +163,37 @@ def test_sessions_listing_filters_by_user(runtime: Runtime, server: str) -> None
 
 
 def test_a_wrong_token_is_a_clear_error(server: str) -> None:
+    code, _, error = run_ops(server, "failed", "list", token="nobody-" + "x" * 20)
+    assert code == 1
+    assert error.startswith("labvirt ops: 401 unauthorized: ")
+
+
+def test_a_frontend_token_is_told_it_does_not_reach_the_admin_api(server: str) -> None:
     code, _, error = run_ops(server, "failed", "list", token=FRONTEND)
     assert code == 1
-    assert error.startswith("labvirt ops: 401 unauthorized")
+    assert error.startswith("labvirt ops: 403 forbidden: this call needs an admin token")
+
+
+def test_the_operator_sees_which_field_was_wrong(server: str) -> None:
+    code, _, error = run_ops(server, "failed", "list", "--limit", "0")
+    assert code == 1
+    assert error.splitlines() == [
+        "labvirt ops: 400 invalid_request: the query is invalid",
+        "  #/query/limit: a whole number from 1 to 500",
+    ]
 
 
 def test_tables_fit_eighty_columns_whatever_the_values() -> None:
     rendered = ops.table([("x" * 60, "y" * 60, 3)], ("A", "B", "C"))
     assert all(len(line) <= 80 for line in rendered.splitlines())
     assert "…" in rendered
+
+
+def test_ops_only_ever_calls_an_http_api(tmp_path: Path) -> None:
+    secret = tmp_path / "not-the-api.json"
+    secret.write_text('{"records": []}')
+    code, out, error = run_ops(secret.as_uri(), "failed", "list")
+    assert code == 1
+    assert out == ""
+    assert "LABVIRT_API_URL=" in error
+    assert "is not an http:// or https:// URL" in error

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
 from services.api.app import MAX_BODY_BYTES, create_app
+from shared.adapters.hash_tags import session_tag
+from shared.adapters.session_indexes import deadline_key, session_key
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Cluster, Mode, Settings
@@ -26,8 +28,8 @@ from shared.jobs import PROVISION, PROVISION_QUEUE, TEARDOWN, TEARDOWN_QUEUE
 from shared.runtime import Runtime
 from tests.doubles import RecordingCelery, SentTask
 
-FRONTEND = "f" * 20
-ADMIN = "a" * 20
+FRONTEND = "frontend-3f786850e387550fdab836ed7e6dc881"  # strong, as the start-up check wants
+ADMIN = "admin-e9d71f5ee7c92d6dc9e92ffdad17b8bd"
 NOW = 1_700_000_000.0
 TEMPLATES = load_templates(None)  # the shipped ones: ubuntu (7200 s lifetime, 300 s idle), ...
 UBUNTU_LIFETIME = TEMPLATES["ubuntu"].max_lifetime_seconds
@@ -115,11 +117,27 @@ def api() -> Api:
     return Api()
 
 
+PROBLEM_MEMBERS = frozenset({"type", "title", "status", "detail", "code", "errors"})
+
+
 def error_of(response: TestResponse) -> dict[str, Any]:
-    body = response.json
-    assert set(body) == {"error"}, body
-    assert isinstance(body["error"]["message"], str)
-    return body["error"]
+    """The problem document (RFC 9457) of an error answer, checked for what every one has."""
+    assert response.mimetype == "application/problem+json", response.mimetype
+    body: dict[str, Any] = response.json
+    assert body["type"] == f"urn:labvirt:problem:{body['code']}", body
+    assert body["status"] == response.status_code, body
+    assert isinstance(body["title"], str), body
+    assert isinstance(body["detail"], str), body
+    return body
+
+
+def context_of(problem: dict[str, Any]) -> dict[str, Any]:
+    """The members a kind of problem adds to the standard ones."""
+    return {key: value for key, value in problem.items() if key not in PROBLEM_MEMBERS}
+
+
+def pointers_of(problem: dict[str, Any]) -> set[str]:
+    return {entry["pointer"] for entry in problem.get("errors", [])}
 
 
 # -- health ----------------------------------------------------------------------------------
@@ -151,7 +169,7 @@ def test_readyz_is_503_when_redis_is_down() -> None:
     response = api.call("GET", "/readyz")
 
     assert response.status_code == 503
-    assert response.json["status"] == "unavailable"
+    assert response.json["code"] == "unavailable"
     assert api.call("GET", "/healthz").status_code == 200  # alive, just not ready
 
 
@@ -239,7 +257,9 @@ def test_another_sessions_token_gets_404_never_200_or_403(
     response = api.call(method, path.format(id=mine), token=other_token, json=body)
 
     assert response.status_code == 404
-    assert error_of(response) == {"code": "session_not_found", "message": "no such session"}
+    problem = error_of(response)
+    assert (problem["code"], problem["detail"]) == ("session_not_found", "no such session")
+    assert context_of(problem) == {}
     assert api.celery.sent == []
     assert api.stored(mine).state is SessionState.PROVISIONING
 
@@ -299,12 +319,13 @@ def test_create_answers_201_with_the_session_and_its_token(api: Api) -> None:
         "history": [{"state": "provisioning", "at": iso(NOW), "reason": None}],
         "token": body["token"],
         "region_reason": "default region",
+        "reconnected": False,
     }
     assert api.celery.sent == [SentTask(PROVISION, {"session_id": body["id"]}, PROVISION_QUEUE)]
     stored = api.stored(body["id"])
     assert stored.state is SessionState.PROVISIONING
     assert stored.token_matches(body["token"])
-    assert body["token"] not in api.redis.get(f"labvirt:session:{body['id']}").decode()
+    assert body["token"] not in api.redis.get(session_key(body["id"])).decode()
 
 
 @pytest.mark.parametrize("region", ["local", None])
@@ -360,7 +381,7 @@ def test_create_validation_errors_name_the_field(
     assert response.status_code == 400
     error = error_of(response)
     assert error["code"] == "invalid_request"
-    assert field in error["details"]
+    assert f"/{field}" in pointers_of(error)
     assert api.celery.sent == []
     assert api.redis.keys("labvirt:session:*") == []
 
@@ -369,18 +390,24 @@ def test_create_with_nothing_names_both_required_fields(api: Api) -> None:
     response = api.call("POST", "/v1/sessions", token=FRONTEND, json={})
 
     assert response.status_code == 400
-    assert set(error_of(response)["details"]) == {"template", "user"}
+    assert pointers_of(error_of(response)) == {"/template", "/user"}
 
 
-@pytest.mark.parametrize("body", [[], ["template", "ubuntu"], "ubuntu", 7, True])
+@pytest.mark.parametrize("body", [[], ["template", "ubuntu"], "ubuntu", 7, True, None])
 def test_create_with_a_json_body_that_is_not_an_object(api: Api, body: Any) -> None:
-    response = api.call("POST", "/v1/sessions", token=FRONTEND, json=body)
+    response = api.call(
+        "POST",
+        "/v1/sessions",
+        token=FRONTEND,
+        data=json.dumps(body),
+        content_type="application/json",
+    )
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_request"
 
 
-@pytest.mark.parametrize("data", ["{not json", "null", "", b"\xff\xfe{}"])
+@pytest.mark.parametrize("data", ["{not json", "", b"\xff\xfe{}", "[" * 20_000])
 def test_create_with_broken_json_is_400(api: Api, data: str | bytes) -> None:
     response = api.call(
         "POST", "/v1/sessions", token=FRONTEND, data=data, content_type="application/json"
@@ -429,8 +456,8 @@ def test_unknown_template_is_422_listing_the_templates(api: Api) -> None:
     assert response.status_code == 422
     error = error_of(response)
     assert error["code"] == "unknown_template"
-    assert "windows" in error["message"]
-    assert error["details"] == {"templates": sorted(TEMPLATES)}
+    assert "windows" in error["detail"]
+    assert context_of(error) == {"templates": sorted(TEMPLATES)}
     assert api.celery.sent == []
 
 
@@ -440,7 +467,7 @@ def test_unknown_region_is_422_listing_the_regions(api: Api) -> None:
     assert response.status_code == 422
     error = error_of(response)
     assert error["code"] == "unknown_region"
-    assert error["details"] == {"regions": ["local"]}
+    assert context_of(error) == {"regions": ["local"]}
     assert api.celery.sent == []
     assert api.redis.keys("labvirt:session:*") == []
 
@@ -622,7 +649,7 @@ def test_close_when_the_session_vanishes_mid_request_is_404() -> None:
     class VanishingStore(RedisSessionStore):
         def get(self, session_id: str) -> Session | None:
             session = super().get(session_id)
-            self._redis.delete(f"labvirt:session:{session_id}")
+            self._redis.delete(session_key(session_id))
             return session
 
     client = fakeredis.FakeRedis()
@@ -650,7 +677,8 @@ def test_heartbeat_moves_the_idle_deadline_forward(api: Api) -> None:
     assert response.json["idle_expires_at"] == iso(NOW + 120 + UBUNTU_IDLE)
     assert response.json["expires_at"] == iso(NOW + UBUNTU_LIFETIME)  # lifetime is fixed
     assert api.stored(session_id).last_seen_at == NOW + 120
-    assert api.redis.zscore("labvirt:deadline:idle", session_id) == NOW + 120 + UBUNTU_IDLE
+    idle_deadlines = deadline_key("idle", session_tag(session_id))
+    assert api.redis.zscore(idle_deadlines, session_id) == NOW + 120 + UBUNTU_IDLE
 
 
 @pytest.mark.parametrize("how", ["frontend-header", "json-body", "form-body"])
@@ -691,9 +719,9 @@ def test_heartbeat_on_a_terminating_session_is_409(api: Api) -> None:
 
     assert response.status_code == 409
     assert error_of(response)["code"] == "session_closed"
-    assert "terminating" in error_of(response)["message"]
+    assert "terminating" in error_of(response)["detail"]
     assert api.stored(session_id).last_seen_at == NOW
-    assert api.redis.zscore("labvirt:deadline:idle", session_id) is None
+    assert api.redis.zscore(deadline_key("idle", session_tag(session_id)), session_id) is None
 
 
 @pytest.mark.parametrize("final", [SessionState.ENDED, SessionState.FAILED])

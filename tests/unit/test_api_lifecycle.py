@@ -12,7 +12,7 @@ import pytest
 
 from shared.domain.sessions import SessionState
 from shared.jobs import PROVISION, TEARDOWN
-from tests.unit.test_api import FRONTEND, NOW, TEMPLATES, Api, error_of, iso
+from tests.unit.test_api import FRONTEND, NOW, TEMPLATES, Api, context_of, error_of, iso
 
 UBUNTU = TEMPLATES["ubuntu"]
 
@@ -59,9 +59,9 @@ def test_another_template_is_409_naming_the_session_in_the_way(api: Api) -> None
     assert response.status_code == 409
     error = error_of(response)
     assert error["code"] == "session_limit"
-    assert first["id"] in error["message"]
-    assert '"replace": true' in error["message"]
-    assert error["details"] == {
+    assert first["id"] in error["detail"]
+    assert '"replace": true' in error["detail"]
+    assert context_of(error) == {
         "max_sessions_per_user": 1,
         "sessions": [
             {"id": first["id"], "template": "ubuntu", "region": "local", "state": "provisioning"}
@@ -197,8 +197,8 @@ def test_extend_past_the_hard_deadline_is_409(api: Api) -> None:
     assert refused.status_code == 409
     error = error_of(refused)
     assert error["code"] == "hard_deadline_reached"
-    assert error["details"]["expires_at"] == error["details"]["hard_expires_at"]
-    assert error["details"]["hard_expires_at"] == iso(NOW + UBUNTU.hard_deadline_seconds)
+    assert error["expires_at"] == error["hard_expires_at"]
+    assert error["hard_expires_at"] == iso(NOW + UBUNTU.hard_deadline_seconds)
 
 
 def test_extend_with_the_token_in_a_beacon_body(api: Api) -> None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import secrets
 from pathlib import Path
 
 import pytest
 
-from shared.config import Cluster, ConfigError, Mode, Settings
+from shared.adapters.session_store import FINISHED_RETENTION_SECONDS
+from shared.config import Cluster, ConfigError, Mode, Settings, available_cpus
+from shared.token_strength import MIN_TOKEN_BITS, WORD_BITS, estimated_bits, token_weakness
 
-FRONTEND = "f" * 20
-ADMIN = "a" * 20
+# Shaped as ``secrets.token_hex(16)`` makes them: what the start-up check accepts.
+FRONTEND = "frontend-3f786850e387550fdab836ed7e6dc881"
+ADMIN = "admin-e9d71f5ee7c92d6dc9e92ffdad17b8bd"
 PRODUCTION_TOKENS = {"LABVIRT_FRONTEND_TOKENS": FRONTEND, "LABVIRT_ADMIN_TOKENS": ADMIN}
 
 
@@ -43,6 +48,7 @@ def test_dev_mode_defaults() -> None:
     assert settings.regions == ("local",)
     assert settings.api_host == "0.0.0.0"
     assert settings.api_port == 8080
+    assert settings.api_workers == available_cpus()  # every CPU it may use
     assert settings.api_threads == 32
     assert settings.frontend_tokens == frozenset()
     assert settings.admin_tokens == frozenset()
@@ -80,6 +86,7 @@ def test_every_knob_is_read() -> None:
         REDIS_URL="redis://redis:6379/3",
         LABVIRT_API_HOST="127.0.0.1",
         LABVIRT_API_PORT="9000",
+        LABVIRT_API_WORKERS="3",
         LABVIRT_API_THREADS="4",
         LABVIRT_TEMPLATES="/etc/labvirt/templates.yaml",
         LABVIRT_LOG_FORMAT="JSON",
@@ -96,6 +103,7 @@ def test_every_knob_is_read() -> None:
     assert settings.redis_url == "redis://redis:6379/3"
     assert settings.api_host == "127.0.0.1"
     assert settings.api_port == 9000
+    assert settings.api_workers == 3
     assert settings.api_threads == 4
     assert settings.templates_path == Path("/etc/labvirt/templates.yaml")
     assert settings.log_format == "json"
@@ -146,7 +154,7 @@ def test_dev_mode_needs_no_tokens(mode: str) -> None:
 
 
 def test_token_lists_are_split_on_commas_and_trimmed() -> None:
-    other = "g" * 16
+    other = "84a516841ba77a5b4648de2cd0dfcb30"
     settings = dev(LABVIRT_FRONTEND_TOKENS=f" {FRONTEND} ,{other},, ")
 
     assert settings.frontend_tokens == frozenset({FRONTEND, other})
@@ -159,12 +167,80 @@ def test_short_tokens_are_rejected(variable: str, value: str) -> None:
     assert value not in message  # a secret never lands in a log line
 
 
-def test_a_token_of_exactly_sixteen_characters_is_enough() -> None:
-    assert dev(LABVIRT_ADMIN_TOKENS="x" * 16).admin_tokens == frozenset({"x" * 16})
+def test_sixteen_characters_are_too_few_for_128_bits() -> None:
+    sixteen = "7d0a1f4Cb9e3$k2Q"  # varied as can be: 16 x log2(95) is still under 128
+    refused({"LABVIRT_MODE": "dev", "LABVIRT_ADMIN_TOKENS": sixteen}, "too guessable", "128")
+
+
+@pytest.mark.parametrize("variable", ["LABVIRT_FRONTEND_TOKENS", "LABVIRT_ADMIN_TOKENS"])
+@pytest.mark.parametrize("mode", ["production", "dev"])
+@pytest.mark.parametrize(
+    "placeholder",
+    [
+        "replace-with-a-long-random-token",
+        "changeme-changeme-changeme",
+        "ExampleFrontendToken2024",
+        "<your-frontend-token-goes-here>",
+        "${LABVIRT_FRONTEND_TOKEN_VALUE}",
+        "my-secret-token-0000000001",
+        "password1234567890",
+        "token_token_token_token",
+        "x" * 32,
+        "0" * 40,
+    ],
+)
+def test_placeholder_tokens_are_refused_naming_the_variable_not_the_token(
+    variable: str, mode: str, placeholder: str
+) -> None:
+    env = {**PRODUCTION_TOKENS, "LABVIRT_MODE": mode, variable: f"{FRONTEND},{placeholder}"}
+    if variable == "LABVIRT_ADMIN_TOKENS":
+        env[variable] = f"{ADMIN},{placeholder}"
+    message = refused(env, variable, "token 2 of 2", "placeholder", "openssl rand")
+    assert placeholder not in message
+
+
+@pytest.mark.parametrize("variable", ["LABVIRT_FRONTEND_TOKENS", "LABVIRT_ADMIN_TOKENS"])
+@pytest.mark.parametrize(
+    "guessable",
+    [
+        "e2e-frontend-token-0123456789",  # words and a counted run
+        "readme-admin-token-0123456789",
+        "abcabcabcabcabcabcabcabcabc",  # a chunk repeated
+        "dev-frontend-0123456789abcdef",
+        "qwertyuiopasdfgh",  # a keyboard row: letters only, too short for 128 bits
+    ],
+)
+def test_guessable_tokens_are_refused_in_dev_mode_too(variable: str, guessable: str) -> None:
+    message = refused({"LABVIRT_MODE": "dev", variable: guessable}, variable, "too guessable")
+    assert guessable not in message
+
+
+def test_a_token_that_a_header_cannot_carry_is_refused() -> None:
+    token = "9f86d081884c7d659a2feaa0c55ad015é"
+    message = refused({"LABVIRT_MODE": "dev", "LABVIRT_FRONTEND_TOKENS": token}, "printable")
+    assert token not in message
+
+
+def test_generated_tokens_are_accepted() -> None:
+    """What the docs tell operators to run, many times over: none may be refused by chance."""
+    for _ in range(2000):
+        tokens = [secrets.token_hex(16), secrets.token_hex(32), secrets.token_urlsafe(32)]
+        for token in tokens:
+            assert token_weakness(token) is None, estimated_bits(token)
+
+
+def test_the_estimate_counts_classes_words_and_patterns() -> None:
+    assert estimated_bits("abcdefgh") < estimated_bits("aBcDeFgH") < estimated_bits("aB3DeF!H")
+    # A word counts as one pick among common words, whatever its length.
+    assert estimated_bits("frontend") == WORD_BITS
+    # From its third step on, a run or a repeated chunk is worth a bit a character.
+    assert estimated_bits("q0123456") == pytest.approx(3 * math.log2(36) + 5)
+    assert estimated_bits("k7k7k7k7") == pytest.approx(4 * math.log2(36) + 4)
+    assert MIN_TOKEN_BITS == 128
 
 
 def test_a_token_cannot_be_both_frontend_and_admin() -> None:
-    shared = "s" * 20
+    shared = "e4da3b7fbbce2345d7772b0674a318d5"
     message = refused(
         {"LABVIRT_FRONTEND_TOKENS": f"{FRONTEND},{shared}", "LABVIRT_ADMIN_TOKENS": shared},
         "frontend",
@@ -188,6 +264,7 @@ def test_overlap_is_rejected_in_dev_mode_too() -> None:
         ("LABVIRT_API_PORT", "70000", "above the maximum of 65535"),
         ("LABVIRT_API_PORT", "-1", "below the minimum of 0"),
         ("LABVIRT_API_THREADS", "0", "below the minimum of 1"),
+        ("LABVIRT_API_WORKERS", "0", "below the minimum of 1"),
         ("LABVIRT_WORKER_CONCURRENCY", "many", "is not a whole number"),
         ("LABVIRT_KUBE_POOL_MAXSIZE", "0", "below the minimum"),
         ("LABVIRT_REAPER_BATCH", "1e3", "is not a whole number"),
@@ -199,6 +276,8 @@ def test_overlap_is_rejected_in_dev_mode_too() -> None:
         ("LABVIRT_TEARDOWN_TIMEOUT_SECONDS", "inf", "is not a finite number"),
         ("LABVIRT_TEARDOWN_TIMEOUT_SECONDS", "0.5", "below the minimum of 1"),
         ("LABVIRT_KUBE_REQUEST_TIMEOUT_SECONDS", "-infinity", "is not a finite number"),
+        ("LABVIRT_ENDED_RETENTION_SECONDS", "30", "below the minimum of 60"),
+        ("LABVIRT_ENDED_RETENTION_SECONDS", "1h", "is not a whole number"),
         ("LABVIRT_MODE", "staging", "must be one of: dev, production"),
         ("LABVIRT_LOG_FORMAT", "xml", "must be one of: json, console"),
         ("LABVIRT_LOG_LEVEL", "verbose", "must be one of: DEBUG, INFO, WARNING, ERROR"),
@@ -207,6 +286,11 @@ def test_overlap_is_rejected_in_dev_mode_too() -> None:
 def test_bad_values_name_the_variable(variable: str, value: str, fragment: str) -> None:
     message = refused({"LABVIRT_MODE": "dev", variable: value}, fragment)
     assert message.startswith(f"{variable}="), message
+
+
+def test_ended_sessions_are_kept_an_hour_unless_configured() -> None:
+    assert dev().ended_retention_seconds == FINISHED_RETENTION_SECONDS == 3600
+    assert dev(LABVIRT_ENDED_RETENTION_SECONDS="600").ended_retention_seconds == 600
 
 
 @pytest.mark.parametrize(("value", "expected"), [("0", 0), ("65535", 65535), (" 443 ", 443)])
@@ -307,3 +391,25 @@ def test_default_region_must_name_a_configured_cluster() -> None:
 def test_validate_names_no_regions_when_there_are_none() -> None:
     with pytest.raises(ConfigError, match=r"regions: none"):
         Settings(mode=Mode.DEV).validate()
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "200000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),  # half a CPU is one worker
+        ({"cpu.max": "150000 100000"}, 2),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+        ({}, None),  # no cgroup to read
+    ],
+)
+def test_api_workers_default_to_the_cpus_the_cgroup_allows(
+    tmp_path: Path, files: dict[str, str], limit: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (affinity if limit is None else min(affinity, limit))

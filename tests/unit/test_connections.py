@@ -17,12 +17,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from shared.adapters.connections import (
-    DISCONNECTED_KEY,
-    LEASE_SECONDS,
-    Connections,
-    ConnectionSweeper,
-)
+from shared.adapters.connections import LEASE_SECONDS, Connections, ConnectionSweeper
 from shared.adapters.session_events import SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.domain.lifecycle import SessionClocks, Stage, start_session
@@ -87,8 +82,7 @@ def sweeper(client: redis.Redis) -> ConnectionSweeper:
 
 
 def disconnected_at(client: redis.Redis, session_id: str) -> float | None:
-    score = client.zscore(DISCONNECTED_KEY, session_id)
-    return None if score is None else float(score)
+    return ConnectionSweeper(client).disconnected_since(session_id)
 
 
 # -- the last close ---------------------------------------------------------------------------
@@ -172,17 +166,17 @@ def test_a_later_disconnect_restarts_the_grace(loop: Loop, sweeper: ConnectionSw
 
 
 class _ReconnectsAfterTheListing(redis.Redis):
-    """A sweeper's Redis connection that runs ``between`` right after the due sessions were
-    listed, before they are taken: another gateway's doing in the race window."""
+    """A sweeper's Redis connection that runs ``between`` after the due sessions were listed,
+    right before the first is taken (its script runs): another gateway's doing in the race
+    window."""
 
     between: Callable[[], None] | None = None
 
-    def zrangebyscore(self, *args: Any, **kwargs: Any) -> Any:
-        listed = super().zrangebyscore(*args, **kwargs)
-        if args and args[0] == DISCONNECTED_KEY and self.between is not None:
+    def evalsha(self, *args: Any, **kwargs: Any) -> Any:
+        if self.between is not None:
             between, self.between = self.between, None
             between()
-        return listed
+        return super().evalsha(*args, **kwargs)
 
 
 def test_a_session_found_due_but_reconnected_before_the_take_is_not_taken(

@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery import Celery
 
-from shared.adapters.dead_letters import DeadLetters, Filter, Status, record_id
+from shared.adapters.dead_letters import DeadLetters, Filter, Status, record_id, record_key
 from shared.jobs import PROVISION, TEARDOWN, labvirt_task
 
 NOW = 1_700_000_000.0
@@ -112,7 +112,7 @@ def test_records_are_bounded_and_expire(
     assert letters.count() == 5
     kept = {letter.concerns["session_id"] for letter in letters.list(limit=10)[0]}
     assert kept == {f"s-{i}" for i in range(3, 8)}  # the oldest went first
-    key = f"labvirt:dead:{record_id(PROVISION, {'session_id': 's-7'})}"
+    key = record_key(record_id(PROVISION, {"session_id": "s-7"}))
     assert 0 < client.ttl(key) <= 3600
 
 

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from services.gateway.app import create_app
 from services.gateway.events import EventHub
-from shared.adapters.connections import DISCONNECTED_KEY, ConnectionSweeper
+from shared.adapters.connections import ConnectionSweeper
 from shared.adapters.session_events import NOTIFY_CHANNEL, SessionEvents
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.tickets import issue_ticket
@@ -35,8 +35,8 @@ from tests.conftest import flush_database
 T = TypeVar("T")
 Http = TestClient[Any, Any]
 
-FRONTEND = "f" * 20
-ADMIN = "a" * 20
+FRONTEND = "frontend-3f786850e387550fdab836ed7e6dc881"  # strong, as the start-up check wants
+ADMIN = "admin-e9d71f5ee7c92d6dc9e92ffdad17b8bd"
 NOW = 1_700_000_000.0
 CLOCKS = SessionClocks(
     max_lifetime_seconds=7200,
@@ -177,11 +177,14 @@ class Answer:
         return parse_sse(self.body)
 
     def error(self) -> dict[str, Any]:
-        assert self.headers["Content-Type"].startswith("application/json"), self.headers
-        body = json.loads(self.body)
-        assert set(body) == {"error"}, body
-        assert {"code", "message"} <= set(body["error"]), body
-        return dict(body["error"])
+        """The problem document (RFC 9457), the same shape as the API's."""
+        assert self.headers["Content-Type"].startswith("application/problem+json"), self.headers
+        body: dict[str, Any] = json.loads(self.body)
+        assert body["type"] == f"urn:labvirt:problem:{body['code']}", body
+        assert body["status"] == self.status, body
+        assert isinstance(body["title"], str), body
+        assert isinstance(body["detail"], str), body
+        return body
 
 
 async def fetch(http: Http, url: str, headers: dict[str, str] | None = None) -> Answer:
@@ -301,7 +304,7 @@ def test_a_refused_stream_does_not_count_as_a_connection(env: Env) -> None:
     answer = get(env, events_url(session_id), {**bearer(token), "Last-Event-ID": "yesterday"})
 
     assert answer.status == 400
-    assert env.redis.zscore(DISCONNECTED_KEY, session_id) is None
+    assert env.sweeper.disconnected_since(session_id) is None
 
 
 # -- a live stream -----------------------------------------------------------------------------
@@ -394,7 +397,7 @@ def test_an_open_stream_holds_the_session_connected_until_it_closes(env: Env) ->
         health = await (await http.get("/healthz")).json()
         response.close()  # the tab goes away
         deadline = time.monotonic() + READ_SECONDS
-        while env.redis.zscore(DISCONNECTED_KEY, session_id) is None:
+        while env.sweeper.disconnected_since(session_id) is None:
             assert time.monotonic() < deadline, "the closed stream never released its lease"
             await asyncio.sleep(0.05)
         return connected, health
@@ -462,6 +465,53 @@ def test_an_unknown_session_is_404_like_someone_elses(env: Env) -> None:
         answer = get(env, url, bearer(FRONTEND))
         assert answer.status == 404
         assert answer.error()["code"] == "not_found"
+
+
+async def raw_request(http: Http, head: bytes) -> tuple[int, dict[str, str], str]:
+    """One request written byte for byte (a client library would not send invalid UTF-8)."""
+    reader, writer = await asyncio.open_connection(http.host, http.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), READ_SECONDS)
+    finally:
+        writer.close()
+    status_line, _, rest = raw.decode("latin-1").partition("\r\n")
+    header_block, _, body = rest.partition("\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in header_block.split("\r\n") if line)
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "token", [b"\xff\xfe" * 12, b"caf\xc3\xa9-" + b"x" * 20, b"\xed\xa0\x80" * 8]
+)
+def test_a_bearer_token_outside_printable_ascii_is_401(env: Env, token: bytes) -> None:
+    session_id, _ = env.open_session()
+    head = (
+        f"GET {events_url(session_id)} HTTP/1.1\r\nHost: gateway\r\n".encode()
+        + b"Authorization: Bearer "
+        + token
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+
+    status, headers, body = env.serve(lambda http: raw_request(http, head))
+
+    assert status == 401, body
+    assert Answer(status, headers, body).error()["code"] == "unauthorized"
+
+
+def test_the_gateways_own_refusals_are_problems_too(env: Env) -> None:
+    async def scenario(http: Http) -> tuple[Answer, Answer]:
+        unknown = await fetch(http, "/v1/nowhere")
+        async with http.post(events_url("s-" + "0" * 24)) as response:
+            wrong_method = Answer(response.status, dict(response.headers), await response.text())
+        return unknown, wrong_method
+
+    unknown, wrong_method = env.serve(scenario)
+
+    assert (unknown.status, unknown.error()["code"]) == (404, "not_found")
+    assert (wrong_method.status, wrong_method.error()["code"]) == (405, "method_not_allowed")
+    assert wrong_method.headers["Allow"] == "GET,HEAD"
 
 
 def test_a_ticket_opens_one_stream_only(env: Env) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from shared.adapters.connections import DISCONNECTED_KEY
 from shared.adapters.tickets import PREFIX as TICKET_PREFIX
 from shared.domain.lifecycle import start_session
 from tests.conftest import flush_database
@@ -64,7 +63,7 @@ def ticket_alive(env: Env, ticket: str) -> bool:
 def assert_untouched(env: Env, session_id: str) -> None:
     """A refused terminal never counted as a connection of the session."""
     assert env.sweeper.connected(session_id) == 0
-    assert env.redis.zscore(DISCONNECTED_KEY, session_id) is None
+    assert env.sweeper.disconnected_since(session_id) is None
 
 
 def test_a_session_token_in_the_url_is_400_and_leaves_the_ticket_alone(env: Env) -> None:
@@ -137,7 +136,7 @@ def test_an_unknown_vm_is_404_listing_the_sessions_vms(env: Env, vm: str) -> Non
     assert answer.status == 404
     error = answer.error()
     assert error["code"] == "no_such_vm"
-    assert error["details"] == {"vms": ["ubuntu"]}
+    assert error["vms"] == ["ubuntu"]
     assert_untouched(env, session_id)
 
 
@@ -159,7 +158,7 @@ def test_a_booting_session_is_409(env: Env) -> None:
     assert answer.status == 409
     error = answer.error()
     assert error["code"] == "session_not_ready"
-    assert "provisioning" in error["message"]
+    assert "provisioning" in error["detail"]
     assert_untouched(env, session_id)
 
 
@@ -171,7 +170,7 @@ def test_a_closed_session_is_409(env: Env) -> None:
 
     assert answer.status == 409
     assert answer.error()["code"] == "session_not_ready"
-    assert "terminating" in answer.error()["message"]
+    assert "terminating" in answer.error()["detail"]
 
 
 def test_a_ticket_for_session_a_on_session_bs_url_is_401_and_spent(env: Env) -> None:

@@ -34,7 +34,8 @@ from shared.domain.recovery import (
     session_annotations,
     stale_annotations,
 )
-from shared.domain.sessions import Session, SessionState, VmView
+from shared.domain.retries import with_environment_created, with_fresh_environment
+from shared.domain.sessions import EnvironmentId, Session, SessionState, VmView
 from shared.domain.templates import Template, VmSpec
 
 P, R, T, E, F = (
@@ -292,6 +293,7 @@ def test_deadlines_of_each_state() -> None:
         DeadlineKind.LIFETIME: NOW + 3600,
         DeadlineKind.IDLE: NOW + 300,
         DeadlineKind.STARTUP: NOW + 600,
+        DeadlineKind.PROVISION: NOW + 15,
         DeadlineKind.WARNING: NOW + 300 - 60,
     }
     closing = session.transition(T, at=NOW + 5, reason="closed")
@@ -309,6 +311,45 @@ def test_a_stuck_teardown_is_asked_for_again_each_retry_interval() -> None:
     assert effect is Effect.TEARDOWN
     assert again.state is T
     assert deadlines(again, POLICY) == {DeadlineKind.TEARDOWN: NOW + 600}
+
+
+def test_a_provision_whose_environment_is_not_created_is_asked_again_once_per_delay() -> None:
+    session = new()
+
+    _, effect = fire(session, DeadlineKind.PROVISION, NOW + 14.9)
+    assert effect is None
+    again, effect = fire(session, DeadlineKind.PROVISION, NOW + 15)
+    assert effect is Effect.PROVISION
+    assert again.state is P
+    assert deadlines(again, POLICY)[DeadlineKind.PROVISION] == NOW + 30
+    # A second reaper that read the same due entry finds it moved on: nothing to ask.
+    assert fire(again, DeadlineKind.PROVISION, NOW + 15.5) == (again, None)
+
+
+def test_a_created_environment_or_a_session_past_provisioning_asks_for_no_provision() -> None:
+    session = new()
+    created = with_environment_created(session, environment_id=session.environment_id)
+    assert created.environment_created
+    assert DeadlineKind.PROVISION not in deadlines(created, POLICY)
+    assert fire(created, DeadlineKind.PROVISION, NOW + 100) == (created, None)
+    ready = session.transition(R, at=NOW + 5)
+    assert DeadlineKind.PROVISION not in deadlines(ready, POLICY)
+    assert fire(ready, DeadlineKind.PROVISION, NOW + 100) == (ready, None)
+
+
+def test_only_the_sessions_current_environment_counts_as_created() -> None:
+    session = new()
+    old = session.environment_id
+    fresh = with_fresh_environment(session, environment_id=EnvironmentId("fresh00001"), at=NOW + 40)
+
+    # The provision of the failed environment finishing late changes nothing.
+    assert with_environment_created(fresh, environment_id=old) is fresh
+    assert not fresh.environment_created
+    # The fresh environment's provision was just asked for: the delay runs from there.
+    assert deadlines(fresh, POLICY)[DeadlineKind.PROVISION] == NOW + 40 + 15
+    assert Session.from_dict(fresh.to_dict()) == fresh
+    created = with_environment_created(fresh, environment_id=fresh.environment_id)
+    assert Session.from_dict(created.to_dict()) == created
 
 
 def test_the_warning_comes_once_before_whichever_clock_ends_first() -> None:

@@ -14,11 +14,14 @@ from typing import Any
 import pytest
 import redis
 
-from shared.adapters.session_events import SessionEvents
+from shared.adapters.hash_tags import session_tag
+from shared.adapters.session_events import SessionEvents, events_key
+from shared.adapters.session_indexes import deadline_key, session_key
 from shared.adapters.session_store import RedisSessionStore
 from shared.domain.reasons import CloseReason
+from shared.domain.retries import with_environment_created
 from shared.domain.sessions import Session, SessionId, SessionState, open_session
-from shared.jobs import TEARDOWN, TEARDOWN_QUEUE, TaskQueue
+from shared.jobs import PROVISION, PROVISION_QUEUE, TEARDOWN, TEARDOWN_QUEUE, TaskQueue
 from shared.session_life import SessionLife
 from shared.session_results import Reaped
 from tests.doubles import RecordingCelery, SentTask
@@ -36,7 +39,8 @@ def reap_tick(
     store: RedisSessionStore, *, now: float, batch: int, celery: RecordingCelery | None = None
 ) -> Reaped:
     """One reaper pass at ``now``; checks that it queued one teardown for each session it won,
-    on the teardown queue, and nothing else."""
+    on the teardown queue, then one provision for each provision it asked again, and nothing
+    else."""
     celery = celery if celery is not None else RecordingCelery()
     before = len(celery.sent)
     life = SessionLife(
@@ -49,6 +53,9 @@ def reap_tick(
     assert celery.sent[before:] == [
         SentTask(TEARDOWN, {"session_id": session_id}, TEARDOWN_QUEUE)
         for session_id in reaped.teardowns
+    ] + [
+        SentTask(PROVISION, {"session_id": session_id}, PROVISION_QUEUE)
+        for session_id in reaped.provisions
     ]
     return reaped
 
@@ -92,11 +99,11 @@ def store(client: redis.Redis) -> RedisSessionStore:
 
 
 def idle_deadline(client: redis.Redis, session_id: str) -> float | None:
-    return client.zscore("labvirt:deadline:idle", session_id)
+    return client.zscore(deadline_key("idle", session_tag(session_id)), session_id)
 
 
 def lifetime_deadline(client: redis.Redis, session_id: str) -> float | None:
-    return client.zscore("labvirt:deadline:lifetime", session_id)
+    return client.zscore(deadline_key("lifetime", session_tag(session_id)), session_id)
 
 
 # -- expiry ----------------------------------------------------------------------------------
@@ -255,7 +262,7 @@ def test_sessions_already_terminating_are_not_counted(
     closed = add_session(store, idle=300)
     store.update(closed.id, lambda s: s.close(CloseReason.DELETED, at=NOW + 10))
     # Even with a stale deadline left behind (say, by a crashed writer), it is not reaped again.
-    client.zadd("labvirt:deadline:idle", {closed.id: NOW + 300})
+    client.zadd(deadline_key("idle", session_tag(closed.id)), {closed.id: NOW + 300})
     ended = add_session(store, idle=300)
     store.update(ended.id, lambda s: s.close(CloseReason.CLOSED, at=NOW).finish(at=NOW))
 
@@ -291,7 +298,7 @@ def test_a_deadline_whose_session_is_gone_is_skipped(
 ) -> None:
     gone = add_session(store, idle=300)
     kept = add_session(store, idle=300)
-    client.delete(f"labvirt:session:{gone.id}")
+    client.delete(session_key(gone.id))
 
     assert reap_expired(store, now=NOW + 300, batch=10) == [kept.id]
     assert store.count_deadlines("idle") == 0
@@ -478,6 +485,52 @@ def test_provisioning_past_the_startup_timeout_fails_and_is_torn_down(
     assert reap_expired(store, now=NOW + 10_000, batch=10) == []  # final: nothing more
 
 
+# -- provisions lost with their worker -------------------------------------------------------
+
+
+def test_a_provision_lost_with_its_worker_is_asked_again_once_per_delay(
+    store: RedisSessionStore,
+) -> None:
+    """The default delay (15 s) from the open, then from each ask; never twice for one due
+    entry, however many ticks run meanwhile."""
+    session = add_booting(store)
+
+    assert reap_tick(store, now=NOW + 14.9, batch=10).provisions == []
+    assert reap_tick(store, now=NOW + 15, batch=10).provisions == [session.id]
+    assert reap_tick(store, now=NOW + 15, batch=10).provisions == []
+    assert reap_tick(store, now=NOW + 29.9, batch=10).provisions == []
+    assert reap_tick(store, now=NOW + 30, batch=10).provisions == [session.id]
+    assert store.require(session.id).state is P
+    assert store.require(session.id).provision_requested_at == NOW + 30
+
+
+def test_sequential_reapers_ask_for_a_lost_provision_once(
+    connect: Callable[[], redis.Redis],
+) -> None:
+    first = RedisSessionStore(connect())
+    second = RedisSessionStore(connect())
+    sessions = [add_booting(first) for _ in range(4)]
+
+    asked_first = reap_tick(first, now=NOW + 20, batch=2).provisions
+    asked_second = reap_tick(second, now=NOW + 20, batch=10).provisions
+
+    assert len(asked_first) == 2
+    assert set(asked_first).isdisjoint(asked_second)
+    assert set(asked_first) | set(asked_second) == {s.id for s in sessions}
+
+
+def test_a_created_environment_or_a_ready_session_is_not_provisioned_again(
+    store: RedisSessionStore,
+) -> None:
+    created = add_booting(store)
+    store.update(created.id, lambda s: with_environment_created(s, environment_id=s.environment_id))
+    ready = add_booting(store)
+    store.update(ready.id, lambda s: s.mark_ready(vms=(), at=NOW + 5))
+
+    assert store.count_deadlines("provision") == 0
+    assert reap_tick(store, now=NOW + 100, batch=10).provisions == []
+
+
 def test_a_session_that_became_ready_has_no_startup_deadline(store: RedisSessionStore) -> None:
     session = add_booting(store, startup=600)
     store.update(session.id, lambda s: s.mark_ready(vms=(), at=NOW + 30))
@@ -491,7 +544,7 @@ def test_a_session_that_became_ready_has_no_startup_deadline(store: RedisSession
 
 
 def stages(client: redis.Redis, session_id: str) -> list[str]:
-    return [f[b"stage"].decode() for _, f in client.xrange(f"labvirt:events:{session_id}")]
+    return [f[b"stage"].decode() for _, f in client.xrange(events_key(session_id))]
 
 
 def test_expiring_soon_is_sent_once_per_deadline(

@@ -286,10 +286,15 @@ def test_a_kubernetes_environment_comes_with_its_policy_and_goes_with_it(
         assert f"--token {session.environment_token} " in user_data(vmi)
         assert session.environment_token not in json.dumps(vmi["metadata"])
 
-    # A retried provision (a redelivered task) renders the very same objects: all exist.
+    # A provision asked again after its first run died before recording the creation (a
+    # redelivered task) renders the very same objects: all exist.
     first = list(recording.created)
+    world.store.update(session.id, lambda s: dataclasses.replace(s, created_environment=None))
     assert provisioner.provision(session.id).detail == "created"
     assert recording.created[len(first) :] == first
+    # Once the creation is recorded, one asked again (the reaper's) calls nothing.
+    assert provisioner.provision(session.id).detail == "already created"
+    assert len(recording.created) == 2 * len(first)
     assert len(network_policies(sim, selector)) == 1
     assert cluster.count_services(selector) == 1
 
@@ -385,6 +390,30 @@ def test_a_ready_session_whose_vmi_was_deleted_fails_with_a_reason(
     assert failed.reason == f"VM lv-{session.environment_id}-ubuntu vanished from the cluster"
     assert failed.ended_by == FailureKind.VM_VANISHED.value
     assert reconcile(world, cluster, now=time.time()).quiet
+
+
+def test_a_booting_session_whose_created_vmi_was_deleted_fails_and_one_not_created_waits(
+    world: World, store: RedisSessionStore, cluster: KubeCluster
+) -> None:
+    """Once its provision recorded the environment created, a provisioning session's VMIs must
+    be there; before that (a provision lost with its worker) the reaper asks again, and the
+    reconciler leaves the session be."""
+    created = opened(world)
+    Provisioner(life=world.life, templates=TEMPLATES, cluster_for=lambda region: cluster).provision(
+        created.id
+    )
+    cluster.delete_vmis(environment_selector(created.environment_id))
+    wait_until(lambda: not names(cluster), timeout=10)
+    lost = opened(world, user="bob")
+
+    first = reconcile(world, cluster, now=time.time() + 3600)
+
+    assert first.report.failed == [created.id]
+    assert first.queued == [teardown_of(created.id)]
+    assert store.require(created.id).ended_by == FailureKind.VM_VANISHED.value
+    assert store.require(lost.id).state is SessionState.PROVISIONING
+    assert first.report.provisions == []
+    assert reconcile(world, cluster, now=time.time() + 3600).quiet
 
 
 def test_a_vmi_being_deleted_under_a_ready_session_fails_it(

@@ -23,8 +23,10 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from services.api.app import create_app
+from shared.adapters.hash_tags import session_tag
 from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.region_state import RedisRegionState, RegionFlags, RegionHeartbeat
+from shared.adapters.session_indexes import region_template_key
 from shared.adapters.session_store import RedisSessionStore
 from shared.adapters.template_files import load_templates
 from shared.config import Cluster, Mode, Settings
@@ -36,9 +38,10 @@ from shared.domain.sessions import VmView
 from shared.jobs import BIND_ENVIRONMENT, PROVISION
 from shared.runtime import Runtime
 from tests.doubles import RecordingCelery
+from tests.unit.test_api import context_of, error_of, pointers_of
 
-FRONTEND = "f" * 20
-ADMIN = "a" * 20
+FRONTEND = "frontend-3f786850e387550fdab836ed7e6dc881"  # strong, as the start-up check wants
+ADMIN = "admin-e9d71f5ee7c92d6dc9e92ffdad17b8bd"
 NOW = 1_700_000_000.0
 TEMPLATES = load_templates(None)  # ubuntu: one VM; kubernetes: two
 FRANKFURT = Location(50.1, 8.7)
@@ -108,11 +111,6 @@ class RegionsApi:
         self.redis.delete(f"labvirt:region:{region}:alive")
 
 
-def error_of(response: TestResponse) -> dict[str, Any]:
-    error: dict[str, Any] = response.json["error"]
-    return error
-
-
 @pytest.fixture
 def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
     client = redis.Redis.from_url(redis_url)
@@ -171,8 +169,8 @@ def test_an_unknown_country_is_422_naming_it(api: RegionsApi) -> None:
 
     assert response.status_code == 422
     assert error_of(response)["code"] == "unknown_country"
-    assert "'XX'" in error_of(response)["message"]
-    assert error_of(response)["details"] == {"country": "XX"}
+    assert "'XX'" in error_of(response)["detail"]
+    assert context_of(error_of(response)) == {"country": "XX"}
     assert api.celery.sent == []
 
 
@@ -189,7 +187,7 @@ def test_more_than_one_hint_is_422(api: RegionsApi, where: dict[str, Any]) -> No
 
     assert response.status_code == 422
     assert error_of(response)["code"] == "conflicting_region_hints"
-    assert error_of(response)["details"] == {"given": list(where)}
+    assert context_of(error_of(response)) == {"given": list(where)}
 
 
 @pytest.mark.parametrize(
@@ -212,7 +210,8 @@ def test_a_malformed_hint_is_400_naming_the_field(
 
     assert response.status_code == 400
     assert error_of(response)["code"] == "invalid_request"
-    assert field in error_of(response)["details"]
+    pointers = pointers_of(error_of(response))
+    assert any(p == f"/{field}" or p.startswith(f"/{field}/") for p in pointers), pointers
 
 
 def test_an_unknown_explicit_region_is_still_422(api: RegionsApi) -> None:
@@ -220,7 +219,7 @@ def test_an_unknown_explicit_region_is_still_422(api: RegionsApi) -> None:
 
     assert response.status_code == 422
     assert error_of(response)["code"] == "unknown_region"
-    assert error_of(response)["details"] == {"regions": ["eu", "us"]}
+    assert context_of(error_of(response)) == {"regions": ["eu", "us"]}
 
 
 # -- full, down, drained -----------------------------------------------------------------------
@@ -252,8 +251,8 @@ def test_a_full_explicit_region_is_503_with_retry_after(api: RegionsApi) -> None
 
     assert response.status_code == 503
     assert error_of(response)["code"] == "region_full"
-    assert error_of(response)["message"] == "region eu is full"
-    assert error_of(response)["details"] == {
+    assert error_of(response)["detail"] == "region eu is full"
+    assert context_of(error_of(response)) == {
         "region": "eu",
         "regions": [{"region": "eu", "why": "full"}],
     }
@@ -316,7 +315,7 @@ def test_no_region_left_is_503(api: RegionsApi) -> None:
 
     assert response.status_code == 503
     assert error_of(response)["code"] == "no_region_available"
-    assert error_of(response)["details"]["regions"] == [
+    assert error_of(response)["regions"] == [
         {"region": "eu", "why": "down"},
         {"region": "us", "why": "drained"},
     ]
@@ -338,7 +337,8 @@ def test_a_session_missing_from_the_template_index_counts_as_the_largest_templat
 ) -> None:
     session_id = api.create("old", region="eu").json["id"]
     # As stored before the per-template index existed (or of a template since removed).
-    api.redis.srem("labvirt:live-template:eu:ubuntu", session_id)
+    index = region_template_key("eu", "ubuntu", session_tag(session_id))
+    api.redis.srem(index, session_id)
 
     assert api.regions()["eu"]["vms_in_use"] == len(TEMPLATES["kubernetes"].vms) == 2
     api.runtime.life.close(session_id, CloseReason.DELETED)
@@ -452,7 +452,8 @@ def test_bad_region_updates_are_refused(
 def test_the_region_routes_need_an_admin_token(api: RegionsApi, method: str, path: str) -> None:
     response = api.call(method, path, token=FRONTEND, json={"drained": True})
 
-    assert response.status_code == 401
+    assert response.status_code == 403
+    assert error_of(response)["code"] == "forbidden"
     assert api.state.flags(["eu"])["eu"].drained is False
 
 

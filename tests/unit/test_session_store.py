@@ -14,6 +14,9 @@ import fakeredis
 import pytest
 import redis
 
+from shared.adapters.hash_tags import SESSION_TAGS, session_tag
+from shared.adapters.session_events import events_key
+from shared.adapters.session_indexes import deadline_key, region_key, session_key, user_key
 from shared.adapters.session_store import (
     FINISHED_RETENTION_SECONDS,
     RedisSessionStore,
@@ -64,11 +67,11 @@ def new_session(
 
 
 def deadline(client: fakeredis.FakeRedis, kind: str, session_id: str) -> float | None:
-    return client.zscore(f"labvirt:deadline:{kind}", session_id)
+    return client.zscore(deadline_key(kind, session_tag(session_id)), session_id)
 
 
 def user_index(client: fakeredis.FakeRedis, user: str) -> set[str]:
-    return {m.decode() for m in client.smembers(f"labvirt:user:{user}")}
+    return {m.decode() for tag in SESSION_TAGS for m in client.smembers(user_key(user, tag))}
 
 
 @pytest.fixture
@@ -159,7 +162,7 @@ def test_an_exception_in_change_aborts_without_writing(
 ) -> None:
     session = new_session()
     store.add(session)
-    raw_before = client.get(f"labvirt:session:{session.id}")
+    raw_before = client.get(session_key(session.id))
 
     def change(current: Session) -> Session:
         current.transition(R, at=NOW)  # work that would have been written...
@@ -168,7 +171,7 @@ def test_an_exception_in_change_aborts_without_writing(
     with pytest.raises(type(failure)):
         store.update(session.id, change)
 
-    assert client.get(f"labvirt:session:{session.id}") == raw_before
+    assert client.get(session_key(session.id)) == raw_before
     assert deadline(client, "idle", session.id) == session.idle_expires_at
     # The connection is usable afterwards: no half-open MULTI left behind.
     assert store.update(session.id, lambda s: s.transition(R, at=NOW)).state is R
@@ -180,10 +183,10 @@ def test_a_change_that_returns_the_same_object_writes_nothing(
     ended = new_session()
     store.add(ended)
     store.update(ended.id, lambda s: s.transition(T, at=NOW).transition(E, at=NOW))
-    client.persist(f"labvirt:session:{ended.id}")  # would be set again by any write
+    client.persist(session_key(ended.id))  # would be set again by any write
 
     assert store.update(ended.id, lambda s: s).state is E
-    assert client.ttl(f"labvirt:session:{ended.id}") == -1
+    assert client.ttl(session_key(ended.id)) == -1
 
 
 def test_illegal_transitions_surface_from_update(store: RedisSessionStore) -> None:
@@ -273,13 +276,29 @@ def test_final_sessions_are_kept_for_a_while_then_expire(
 ) -> None:
     session = new_session()
     store.add(session)
-    assert client.ttl(f"labvirt:session:{session.id}") == -1  # live: no expiry
+    assert client.ttl(session_key(session.id)) == -1  # live: no expiry
 
     store.update(session.id, lambda s: s.transition(F, at=NOW, reason="boot failed"))
 
-    ttl = client.ttl(f"labvirt:session:{session.id}")
+    ttl = client.ttl(session_key(session.id))
     assert 0 < ttl <= FINISHED_RETENTION_SECONDS
     assert store.require(session.id).reason == "boot failed"
+
+
+def test_the_ended_retention_bounds_the_document_and_the_events(
+    client: fakeredis.FakeRedis,
+) -> None:
+    store = RedisSessionStore(client, ended_retention_seconds=90)
+    session = new_session()
+    store.add(session)
+    live_stream_ttl = client.ttl(events_key(session.id))
+    assert live_stream_ttl > 90  # a live session's events outlast any pause between them
+
+    store.update(session.id, lambda s: s.transition(T, at=NOW))
+    store.update(session.id, lambda s: s.transition(E, at=NOW))
+
+    assert 0 < client.ttl(session_key(session.id)) <= 90
+    assert 0 < client.ttl(events_key(session.id)) <= 90  # the final event's append included
 
 
 def test_user_sessions_skips_ids_whose_document_is_gone(
@@ -287,7 +306,7 @@ def test_user_sessions_skips_ids_whose_document_is_gone(
 ) -> None:
     session = new_session()
     store.add(session)
-    client.delete(f"labvirt:session:{session.id}")
+    client.delete(session_key(session.id))
 
     assert store.user_sessions("alice") == []
 
@@ -337,7 +356,8 @@ def test_reindex_rewrites_the_deadlines_of_an_unchanged_session(
 ) -> None:
     session = new_session()
     store.add(session)
-    client.zadd("labvirt:deadline:idle", {session.id: NOW})  # stale, as a crashed writer left it
+    stale = {session.id: NOW}  # as a crashed writer left it
+    client.zadd(deadline_key("idle", session_tag(session.id)), stale)
 
     store.update(session.id, lambda s: s, reindex=True)
 
@@ -356,11 +376,11 @@ def test_region_sessions_are_the_live_ones_and_forget_lost_documents(
     lost = new_session(user="dave")
     for session in (live, ending, done, lost):
         store.add(session)
-    client.delete(f"labvirt:session:{lost.id}")
+    client.delete(session_key(lost.id))
 
     assert set(store.region_sessions("local")) == {live.id, ending.id}
     assert store.region_sessions("elsewhere") == {}
-    assert client.sismember("labvirt:live:local", lost.id) == 0
+    assert client.sismember(region_key("local", session_tag(lost.id)), lost.id) == 0
 
 
 def test_restore_stores_once_and_announces_nothing(
@@ -373,7 +393,7 @@ def test_restore_stores_once_and_announces_nothing(
 
     assert store.require(session.id) == session
     assert deadline(client, "idle", session.id) == NOW + IDLE
-    assert client.exists(f"labvirt:events:{session.id}") == 0
+    assert client.exists(events_key(session.id)) == 0
 
 
 def test_each_state_change_appends_one_event_in_the_same_transaction(
@@ -386,7 +406,7 @@ def test_each_state_change_appends_one_event_in_the_same_transaction(
     store.update(session.id, lambda s: s.transition(T, at=NOW + 20, reason="closed"))
     store.update(session.id, lambda s: s.transition(E, at=NOW + 30))  # nothing new for learners
 
-    entries = client.xrange(f"labvirt:events:{session.id}")
+    entries = client.xrange(events_key(session.id))
     stages = [fields[b"stage"].decode() for _, fields in entries]
     assert stages == ["queued", "ready", "ended"]
     assert b'"reason":"closed"' in entries[-1][1][b"detail"]
@@ -405,7 +425,7 @@ def test_a_failed_change_appends_no_event(
     with pytest.raises(RuntimeError):
         store.update(session.id, broken)
 
-    assert client.xlen(f"labvirt:events:{session.id}") == 1  # queued only
+    assert client.xlen(events_key(session.id)) == 1  # queued only
 
 
 def test_the_user_lock_admits_one_holder_at_a_time(

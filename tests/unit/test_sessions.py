@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.api.schemas import session_body
+from services.api.schemas import OpenedSessionAnswer
 from shared.domain.recovery import session_annotations
 from shared.domain.sessions import (
     FINAL_STATES,
@@ -30,6 +30,7 @@ from shared.domain.sessions import (
     open_session,
 )
 from shared.domain.user_data import KUBEADM_TOKEN, legacy_environment_token
+from shared.session_results import Opened
 
 P, R, T, E, F = (
     SessionState.PROVISIONING,
@@ -444,7 +445,8 @@ def test_the_environment_token_is_kept_with_the_session_and_nowhere_else() -> No
     assert stored.environment_token == session.environment_token
     assert session.environment_token not in repr(session)  # logs
     assert session.environment_token not in json.dumps(session_annotations(session))
-    assert session.environment_token not in json.dumps(session_body(session, token="t"))
+    answer = OpenedSessionAnswer().dump(Opened(session, token="t"))
+    assert session.environment_token not in json.dumps(answer)
 
 
 def test_a_session_stored_before_the_token_keeps_the_token_its_vms_carry() -> None:

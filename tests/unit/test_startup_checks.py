@@ -36,6 +36,7 @@ def test_the_shipped_defaults_nest() -> None:
         ({"visibility_timeout_seconds": 60.0}, "LABVIRT_VISIBILITY_TIMEOUT_SECONDS (60)"),
         ({"visibility_timeout_seconds": 900.0}, "shortest session startup timeout (600 s"),
         ({"startup_timeout_seconds": 200}, "shortest session startup timeout (200 s"),
+        ({"provision_recovery_seconds": 600.0}, "LABVIRT_PROVISION_RECOVERY_SECONDS (600)"),
     ],
 )
 def test_timeouts_that_do_not_nest_are_refused(changes: dict[str, float], named: str) -> None:
@@ -68,3 +69,37 @@ def test_a_process_started_with_them_exits_with_the_reason(tmp_path: Path) -> No
     assert "labvirt beat: configuration error: LABVIRT_VISIBILITY_TIMEOUT_SECONDS (900)" in (
         result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("mode", "variable", "token"),
+    [
+        ("production", "LABVIRT_FRONTEND_TOKENS", "replace-with-a-long-random-token"),
+        ("production", "LABVIRT_ADMIN_TOKENS", "changeme-changeme-changeme"),
+        ("dev", "LABVIRT_FRONTEND_TOKENS", "e2e-frontend-token-0123456789"),
+    ],
+)
+def test_the_api_started_with_a_weak_token_exits_naming_the_variable(
+    tmp_path: Path, mode: str, variable: str, token: str
+) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LABVIRT_")}
+    env.update(
+        {
+            "LABVIRT_MODE": mode,
+            "LABVIRT_FRONTEND_TOKENS": "frontend-0cc175b9c0f1b6a831c399e269772661",
+            "LABVIRT_ADMIN_TOKENS": "admin-92eb5ffee6ae2fec3ad71c777531578f",
+            variable: token,
+        }
+    )
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("labvirt")), "api"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert f"labvirt api: configuration error: {variable}: token 1 of 1 " in result.stderr
+    assert token not in result.stderr + result.stdout
