@@ -52,8 +52,8 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos, 100 sessions: API faults, killed workers, 30 s Redis restart, Sentinel failover
-	LABVIRT_CHAOS_SESSIONS=100 LABVIRT_CHAOS_REDIS_DOWN_SECONDS=30 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
+chaos: install ## Chaos, 200 sessions: API faults, killed workers, 30 s Redis restart, Sentinel failover
+	LABVIRT_CHAOS_SESSIONS=200 LABVIRT_CHAOS_REDIS_DOWN_SECONDS=30 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
 
 .PHONY: pool-load
 pool-load: install ## Warm pools under load: 500 concurrent creates against a pool of 100
