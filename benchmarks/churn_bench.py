@@ -35,6 +35,7 @@ from typing import Any
 import redis
 import requests
 
+from benchmarks.percentiles import quantiles_ms
 from benchmarks.process_logs import log_events
 from shared.adapters.redis_server import EmbeddedRedis
 from shared.adapters.session_store import FINISHED_RETENTION_SECONDS, RedisSessionStore
@@ -49,20 +50,6 @@ SIM_ARGS = ["--boot-seconds", "2", "--time-scale", "0.1", "--nodes", "6"]
 POLL_SECONDS = 0.02
 STATE_TIMEOUT_SECONDS = 60.0
 SESSION_ID = re.compile(r"s-[0-9a-f]{24}")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def quantiles_ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {
-        "p50": round(percentile(values, 0.5) * 1000, 1),
-        "p99": round(percentile(values, 0.99) * 1000, 1),
-    }
 
 
 @dataclass

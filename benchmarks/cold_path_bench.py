@@ -48,6 +48,7 @@ import requests
 from kubernetes import client, watch
 
 from benchmarks import api_create_profile
+from benchmarks.percentiles import quantiles_ms
 from benchmarks.process_logs import log_events, stamp
 from shared.adapters.redis_server import EmbeddedRedis
 from shared.adapters.session_store import RedisSessionStore
@@ -66,20 +67,6 @@ POLL_SECONDS = 0.025
 WARM_UP_CYCLES = 3
 API_PROFILE_CREATES = 300
 TASK_SUCCEEDED = re.compile(r"Task labvirt\.provision\[[^\]]+\] succeeded in ([0-9.e-]+)s")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-def quantiles_ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p99": None}
-    return {
-        "p50": round(percentile(values, 0.5) * 1000, 1),
-        "p99": round(percentile(values, 0.99) * 1000, 1),
-    }
 
 
 @dataclass
