@@ -3,15 +3,22 @@
 A worker builds its runtime (Redis, one Kubernetes client per region), the services its tasks
 share, and the region informers that follow labvirt's VMIs, then takes tasks. Beat only
 schedules: it needs the Celery app and nothing else.
+
+With ``LABVIRT_WORKER_POOL=prefork`` the tasks run in child processes. The informers stay in
+the parent; each child builds its own runtime when it starts (``worker_process_init``), so it
+shares no connection, lock or thread with the parent. A child that dies mid-task (SIGKILL, an
+OOM kill) has its task handed back to the queue at once (``reject_on_worker_lost``), and the
+pool starts a new child.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import structlog
 from celery import Celery
-from celery.signals import task_postrun, task_prerun, worker_shutdown
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_shutdown
 
 from services.provisioner import wiring as provisioner_wiring
 from services.reaper.reconciler import Reconciler
@@ -57,11 +64,29 @@ def wire_worker(settings: Settings, *, queues: list[str]) -> tuple[Celery, Runti
     return app, runtime
 
 
+# The parent's runtime, kept alive in a child: collecting it there would close the parent's
+# connections' file descriptors from the child (redis-py shuts sockets down only in the process
+# that opened them, but nothing here should depend on that).
+_INHERITED: list[Runtime] = []
+
+
+def _own_runtime(app: Celery, settings: Settings, inherited: Runtime, **_: Any) -> None:
+    """In a prefork child, before its first task: a runtime of its own, no informers."""
+    _INHERITED.append(inherited)
+    runtime = build_runtime(settings, celery=app, clusters=Clusters(settings))
+    attach_runtime(app, runtime)
+    runtime.service(Reconciler, build_reconciler)
+    structlog.contextvars.bind_contextvars(process="worker-child")
+    log.info("worker.child_wired")
+
+
 def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
     chosen = [q for q in (queues or ",".join(QUEUES)).split(",") if q]
     # First: a port it cannot listen on stops the worker before its informers start.
     start_metrics_server(settings)
-    app, _runtime = wire_worker(settings, queues=chosen)
+    app, runtime = wire_worker(settings, queues=chosen)
+    if settings.worker_pool == "prefork":
+        worker_process_init.connect(partial(_own_runtime, app, settings, runtime), weak=False)
     task_prerun.connect(_bind_task, weak=False)
     task_postrun.connect(_clear_task, weak=False)
     app.worker_main(
@@ -69,8 +94,8 @@ def start_worker(settings: Settings, *, queues: str | None, name: str) -> None:
             "worker",
             f"--loglevel={settings.log_level}",
             # Tasks are short (create, delete, patch) and wait on the cluster's answers:
-            # threads, not processes. Waiting on boots holds no thread (the informers do it).
-            "--pool=threads",
+            # threads by default. Waiting on boots holds no thread (the informers do it).
+            f"--pool={settings.worker_pool}",
             f"--concurrency={settings.worker_concurrency}",
             f"--queues={','.join(chosen)}",
             f"--hostname={name}",

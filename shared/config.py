@@ -93,6 +93,9 @@ class Settings:
     node_modules: Path = field(default_factory=lambda: SOURCE_ROOT / "node_modules")
     log_format: str = "json"
     log_level: str = "INFO"
+    # Threads (the default: tasks wait on the cluster) or processes (a task that crashes or
+    # leaks takes only its own process with it); concurrency counts either.
+    worker_pool: str = "threads"
     worker_concurrency: int = 16
     kube_pool_maxsize: int = 32
     reaper_interval_seconds: float = 5.0
@@ -182,6 +185,7 @@ class Settings:
             log_level=env.choice(
                 "LABVIRT_LOG_LEVEL", ["DEBUG", "INFO", "WARNING", "ERROR"], "INFO", upper=True
             ),
+            worker_pool=env.choice("LABVIRT_WORKER_POOL", ["threads", "prefork"], cls.worker_pool),
             worker_concurrency=env.integer(
                 "LABVIRT_WORKER_CONCURRENCY", cls.worker_concurrency, minimum=1
             ),

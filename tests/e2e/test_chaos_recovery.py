@@ -210,6 +210,80 @@ def test_a_worker_killed_mid_run_loses_no_session(
     run.check(fault_free)
 
 
+def handed_back(worker: Proc) -> int:
+    """Tasks a worker's pool gave back to the queue when the child running them died."""
+    log = worker.log.read_text(errors="replace")
+    return log.count("Task handler raised error: WorkerLostError")
+
+
+def pool_children(process_id: int) -> list[int]:
+    """The prefork pool's processes under a worker (Linux: /proc)."""
+    found = Path(f"/proc/{process_id}/task/{process_id}/children").read_text().split()
+    return [int(pid) for pid in found]
+
+
+def test_a_workers_child_killed_mid_run_loses_no_session(
+    fault_free: ClassRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A worker running its tasks in child processes (``LABVIRT_WORKER_POOL=prefork``) has
+    children SIGKILLed at random moments while a class is created; the worker lives on, hands
+    each lost task back to the queue and starts a new child."""
+    rng = random.Random(int(os.environ.get("LABVIRT_CHAOS_SEED", "5")) + 3)
+    with claim_redis_database() as url:
+        system = start_recovering(
+            url,
+            tmp_path,
+            seed=11,
+            LABVIRT_WORKER_POOL="prefork",
+            LABVIRT_WORKER_CONCURRENCY="4",
+        )
+        try:
+            worker = system.procs["worker"]
+            first = dict(system.procs)
+            calls = KubeCalls(system)
+            set_faults(system, latency_ms=2000)  # the children's provisions stay in flight
+            killed: list[int] = []
+            with ThreadPoolExecutor(max_workers=1) as background:
+                creating = background.submit(create_class, system, "killed-child", SESSIONS)
+                wait_until(
+                    lambda: "labvirt.provision[" in worker.log.read_text(errors="replace"),
+                    timeout=60,
+                    what="a child to take a provision",
+                )
+                # Until the class is created and at least one kill caught a task (a child
+                # may be idle when it dies), at most 20 kills.
+                while (not creating.done() or handed_back(worker) == 0) and len(killed) < 20:
+                    time.sleep(rng.uniform(0.3, 1.5))
+                    children = [c for c in pool_children(worker.process.pid) if c not in killed]
+                    if children:
+                        victim = rng.choice(children)
+                        os.kill(victim, 9)
+                        killed.append(victim)
+                sessions = creating.result()
+            back = time.time()  # the worker never left; its pool replaced the last child now
+            set_faults(system, latency_ms=0)
+            run = settle(system, sessions, "a worker's children killed mid-run")
+            run.note = (
+                f"{len(killed)} children killed, {handed_back(worker)} tasks handed back, "
+                f"{asked_again(system)} provision(s) asked again"
+            )
+            vmis = calls.vmis()
+            run.measure_recovery(vmis, back=back)
+            assert run.failed == 0, [s["reason"] for s in run.settled]
+            assert handed_back(worker) > 0, worker.tail(40)
+            check_ownership(system, sessions, vmis)
+            check_nothing_unowned(system, calls)
+            # The worker itself never stopped: its pool replaced every child.
+            check_still_running(system, first)
+            assert len(pool_children(worker.process.pid)) == 4
+            leave(system, run.settled)
+            run.calls = calls.count()
+            report(capsys, run, fault_free)
+            run.check(fault_free)
+        finally:
+            system.stop()
+
+
 def test_failing_calls_and_cut_watches_lose_no_session(
     system: System, fault_free: ClassRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

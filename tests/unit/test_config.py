@@ -92,6 +92,7 @@ def test_every_knob_is_read() -> None:
         LABVIRT_LOG_FORMAT="JSON",
         LABVIRT_LOG_LEVEL="debug",
         LABVIRT_WORKER_CONCURRENCY="3",
+        LABVIRT_WORKER_POOL="Prefork",
         LABVIRT_KUBE_POOL_MAXSIZE="7",
         LABVIRT_REAPER_INTERVAL_SECONDS="0.5",
         LABVIRT_REAPER_BATCH="50",
@@ -108,6 +109,7 @@ def test_every_knob_is_read() -> None:
     assert settings.templates_path == Path("/etc/labvirt/templates.yaml")
     assert settings.log_format == "json"
     assert settings.log_level == "DEBUG"
+    assert settings.worker_pool == "prefork"
     assert settings.worker_concurrency == 3
     assert settings.kube_pool_maxsize == 7
     assert settings.reaper_interval_seconds == 0.5
@@ -280,6 +282,7 @@ def test_overlap_is_rejected_in_dev_mode_too() -> None:
         ("LABVIRT_ENDED_RETENTION_SECONDS", "1h", "is not a whole number"),
         ("LABVIRT_MODE", "staging", "must be one of: dev, production"),
         ("LABVIRT_LOG_FORMAT", "xml", "must be one of: json, console"),
+        ("LABVIRT_WORKER_POOL", "gevent", "must be one of: threads, prefork"),
         ("LABVIRT_LOG_LEVEL", "verbose", "must be one of: DEBUG, INFO, WARNING, ERROR"),
     ],
 )
