@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from flask import Blueprint, Response, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
+from werkzeug.exceptions import MethodNotAllowed
 
 from services.api.admin_schemas import (
     FAILURE_ID_PATTERN,
@@ -113,6 +114,13 @@ def requested_by(token_digest: str, operator: str) -> str:
     return f"{name} (admin {fingerprint})" if name else f"admin {fingerprint}"
 
 
+def _not_the_collection_action(failure_id: str) -> None:
+    """``/v1/admin/failed/requeue`` is the POST that requeues every match, not a record: any
+    other method there is 405 (with ``Allow: POST``), not "no such record"."""
+    if failure_id == "requeue":
+        raise MethodNotAllowed(valid_methods=["POST"])
+
+
 def _letter(failure_id: str) -> DeadLetter:
     letter = runtime().dead_letters.get(failure_id) if _FAILURE_ID.fullmatch(failure_id) else None
     if letter is None:
@@ -142,10 +150,14 @@ def list_failed() -> Response:
     summary="One record, whole",
     answers={200: FailureAnswer},
     security=OPERATORS,
-    errors={404: "`failure_not_found`."},
+    errors={
+        404: "`failure_not_found`.",
+        405: "`requeue` is no record: `POST /v1/admin/failed/requeue` requeues every match.",
+    },
 )
 def show_failed(failure_id: str) -> Response:
     admin_caller()
+    _not_the_collection_action(failure_id)
     return jsonify(FailureAnswer().dump(_letter(failure_id)))
 
 
@@ -227,10 +239,14 @@ def requeue_matching() -> Response:
     summary="Purge a record",
     answers={200: PurgedAnswer},
     security=OPERATORS,
-    errors={404: "`failure_not_found`."},
+    errors={
+        404: "`failure_not_found`.",
+        405: "`requeue` is no record: `POST /v1/admin/failed/requeue` requeues every match.",
+    },
 )
 def purge_failed(failure_id: str) -> tuple[Response, int]:
     admin_caller()
+    _not_the_collection_action(failure_id)
     _letter(failure_id)
     runtime().dead_letters.purge(failure_id)
     return jsonify(PurgedAnswer().dump({"purged": failure_id})), 200

@@ -242,6 +242,16 @@ def test_a_failure_id_with_anything_after_it_is_no_failure(api: Api) -> None:
     assert api.call("GET", f"/v1/admin/failed/{letter.id}", token=ADMIN).status_code == 200
 
 
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_the_requeue_action_is_no_record(api: Api, method: str) -> None:
+    response = api.call(method, "/v1/admin/failed/requeue", token=ADMIN)
+
+    assert (response.status_code, error_of(response)["code"]) == (405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+    # Still admin-only: a frontend token learns nothing about the route.
+    assert api.call(method, "/v1/admin/failed/requeue", token=FRONTEND).status_code == 403
+
+
 @pytest.mark.parametrize(
     ("path", "body", "code"),
     [
