@@ -26,7 +26,13 @@ KUSTOMIZATIONS = {
 COMPONENTS = {
     "cluster-network": DEPLOY / "components" / "cluster-network",
     "redis-tls": DEPLOY / "components" / "redis-tls",
+    "monitoring": DEPLOY / "components" / "monitoring",
 }
+# Kustomizations that are parts of a component, not a deployment: the alert rules, which
+# components/monitoring includes (kustomize reads no file outside a kustomization's folder).
+PARTS = {"monitoring": DEPLOY / "monitoring"}
+# The Prometheus Operator's kinds, which kubernetes-validate has no schema for.
+PROMETHEUS_OPERATOR_GROUP = "monitoring.coreos.com"
 LABVIRT_NAMESPACE = "labvirt"
 ENVIRONMENTS_NAMESPACE = "labvirt-envs"
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
@@ -133,6 +139,11 @@ def secret_references(objects: list[Manifest]) -> set[tuple[str, str, str | None
         if obj["kind"] == "Ingress":
             for tls in obj["spec"].get("tls") or []:
                 found.add((namespace, tls["secretName"], None))
+        if obj["kind"] == "PodMonitor":
+            for endpoint in obj["spec"].get("podMetricsEndpoints") or []:
+                credentials = (endpoint.get("authorization") or {}).get("credentials")
+                if credentials:
+                    found.add((namespace, credentials["name"], credentials["key"]))
     return found
 
 

@@ -40,9 +40,12 @@ def table_rows(doc: str, first_cell: str) -> list[str]:
     return [line for line in doc.splitlines() if line.startswith(f"| `{first_cell}`")]
 
 
-def test_every_object_the_manifests_make_is_named_in_the_doc(doc, builds):
+def test_every_object_the_manifests_make_is_named_in_the_doc(doc, builds, tmp_path):
     named = quoted(doc)
-    for objects in builds.values():
+    monitored = build_overlay(
+        tmp_path, resources=[KUSTOMIZATIONS["production"]], components=[COMPONENTS["monitoring"]]
+    )
+    for objects in [*builds.values(), monitored]:
         for obj in objects:
             assert obj["metadata"]["name"] in named, (obj["kind"], obj["metadata"]["name"])
 
@@ -51,16 +54,21 @@ def test_every_secret_the_manifests_read_is_documented_with_its_keys(doc, builds
     references = set()
     for objects in builds.values():
         references |= secret_references(objects)
-    tls = build_overlay(
-        tmp_path, resources=[KUSTOMIZATIONS["production"]], components=[COMPONENTS["redis-tls"]]
-    )
-    references |= secret_references(tls)
+    for component in ("redis-tls", "monitoring"):
+        with_component = build_overlay(
+            tmp_path / component,
+            resources=[KUSTOMIZATIONS["production"]],
+            components=[COMPONENTS[component]],
+        )
+        references |= secret_references(with_component)
     assert {name for _, name, _ in references} == {
         "labvirt-redis",
         "labvirt-frontend-tokens",
         "labvirt-admin-tokens",
+        "labvirt-metrics-tokens",
         "labvirt-ingress-tls",
         "labvirt-redis-tls",
+        "labvirt-metrics-scrape",
     }
     for namespace, name, key in references:
         assert namespace == "labvirt"

@@ -24,17 +24,23 @@ from tests.deploy.netpol import selector_matches
 pytestmark = pytest.mark.kubectl
 
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
+METRICS_TOKENS = ("labvirt-metrics-tokens", "tokens")
 # Which Secret (name, key) each process gets, and no other.
 SECRETS_BY_COMPONENT = {
     "api": {
         ("labvirt-redis", "password"),
         ("labvirt-frontend-tokens", "tokens"),
         ("labvirt-admin-tokens", "tokens"),
+        METRICS_TOKENS,
     },
-    "gateway": {("labvirt-redis", "password"), ("labvirt-frontend-tokens", "tokens")},
-    "worker": {("labvirt-redis", "password")},
-    "prewarm-worker": {("labvirt-redis", "password")},
-    "beat": {("labvirt-redis", "password")},
+    "gateway": {
+        ("labvirt-redis", "password"),
+        ("labvirt-frontend-tokens", "tokens"),
+        METRICS_TOKENS,
+    },
+    "worker": {("labvirt-redis", "password"), METRICS_TOKENS},
+    "prewarm-worker": {("labvirt-redis", "password"), METRICS_TOKENS},
+    "beat": {("labvirt-redis", "password"), METRICS_TOKENS},
     "redis": {("labvirt-redis", "password")},
 }
 LABVIRT_COMPONENTS = {"api", "gateway", "worker", "prewarm-worker", "beat"}
