@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import requests
 from kubernetes import client, config
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -32,12 +30,11 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from shared.adapters.redis_server import free_port
+from tests.e2e.browser import headless_chromium, require_chromium
 from tests.e2e.harness import wait_until
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 REPO = Path(__file__).resolve().parents[2]
 MANAGED = "app.kubernetes.io/managed-by=labvirt"
 SESSION_LABEL = "labvirt.io/session"
@@ -74,16 +71,7 @@ class Dev:
 
 @pytest.fixture
 def chromium() -> None:
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if not missing:
-        return
-    reason = (
-        f"{' and '.join(missing)} missing: "
-        "apt-get install chromium chromium-driver to run the learner page in a browser"
-    )
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    require_chromium()
 
 
 @pytest.fixture
@@ -141,29 +129,8 @@ def dev(own_redis_url: str, tmp_path: Path) -> Iterator[Dev]:
 
 @pytest.fixture
 def browser(chromium: None, tmp_path: Path) -> Iterator[WebDriver]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--disable-quic",
-        "--no-first-run",
-        # Chromium phones home on start; this machine's network refuses, so it must not try.
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(tmp_path / "chromium-profile", width=1280, height=900) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def labvirt_vmis(kube: client.CustomObjectsApi) -> dict[str, str]:

@@ -21,9 +21,7 @@ from typing import Any
 
 import pytest
 import redis
-from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -31,8 +29,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from shared.adapters.dead_letters import DeadLetters
 from shared.jobs import TEARDOWN
 from tests.conftest import claim_redis_database
+from tests.e2e.browser import headless_chromium
 from tests.e2e.harness import ADMIN_TOKEN, System, start_system
-from tests.e2e.test_learner_page import CHROMEDRIVER, CHROMIUM
 
 pytestmark = pytest.mark.e2e
 
@@ -68,34 +66,8 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[WebDriver]:
-    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
-    if missing:
-        reason = f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        # Chromium phones home on start; this machine's network refuses, so it must not try.
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,1000",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with headless_chromium(tmp_path / "chromium-profile", width=1280, height=1000) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def seed_failure(system: System) -> str:
