@@ -111,7 +111,17 @@ def _faulty_class(tmp: Path, *, error_rate: float) -> ClassRun:
         system = start_system(
             url,
             tmp,
-            sim_args=["--error-rate", str(error_rate), "--seed", "5", "--nodes", str(NODES)],
+            sim_args=[
+                "--error-rate",
+                str(error_rate),
+                # Every watch is cut within 2 s: the informers resume again and again.
+                "--watch-drop-rate",
+                "1",
+                "--seed",
+                "5",
+                "--nodes",
+                str(NODES),
+            ],
         )
         try:
             before = requests.get(f"{system.sim.url}/_sim/stats", timeout=5).json()
@@ -127,8 +137,10 @@ def _faulty_class(tmp: Path, *, error_rate: float) -> ClassRun:
             system.stop()
     injected = after["injectedErrors"] - before["injectedErrors"]
     watches = after["watchesStarted"] - before["watchesStarted"]
-    run.note = f"{injected} injected errors, {watches} watches started"
+    dropped = after["droppedWatches"] - before["droppedWatches"]
+    run.note = f"{injected} injected errors, {dropped} watches cut, {watches} watches started"
     assert injected > 0, "the faults were not injected"
+    assert dropped > 0, "no watch was cut"
     return run
 
 
