@@ -1,4 +1,4 @@
-"""What the chaos tests measure of a class of sessions, and the line `make chaos -s` prints.
+"""What the chaos tests measure of a class of sessions, and the line `make chaos` prints.
 
 Every scenario is compared with a fault-free class of the same size: how the sessions ended,
 how long they took to settle, how many Kubernetes calls labvirt made per session (the
@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from tests.conftest import claim_redis_database
 from tests.e2e.harness import System, start_system
 
-# The size of every chaos class; `make chaos` sets 100.
+# The size of every chaos class; `make chaos` sets 200.
 SESSIONS = int(os.environ.get("LABVIRT_CHAOS_SESSIONS", "12"))
 # Room for every session's VM at once: a VM asks for 2 of a node's 16 cores, so 8 fit a node.
 NODES = max(10, SESSIONS // 7 + 1)
