@@ -32,14 +32,10 @@ import redis
 import requests
 from kubernetes import client, watch
 
+from benchmarks.percentiles import percentile
 from shared.adapters.redis_server import EmbeddedRedis
 from shared.adapters.session_store import RedisSessionStore
 from tests.e2e.harness import NAMESPACE, System, start_system
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 class VmiClock:

@@ -31,15 +31,11 @@ from typing import Any
 import aiohttp
 import psutil
 
+from benchmarks.percentiles import percentile
 from shared.adapters.redis_server import EmbeddedRedis
 from tests.e2e.harness import System, start_system
 
 SESSIONS = 20
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 async def short_requests(
