@@ -52,7 +52,7 @@ bench: install ## Run the benchmarks (results go in docs/BENCHMARKS.md)
 	$(BIN)/python -m benchmarks.run
 
 .PHONY: chaos
-chaos: install ## Chaos, 200 sessions: API faults, killed workers, 30 s Redis restart, Sentinel failover
+chaos: install ## Chaos, 200 sessions: API faults and cut watches, killed workers and worker children, 30 s Redis restart, Sentinel failover
 	LABVIRT_CHAOS_SESSIONS=200 LABVIRT_CHAOS_REDIS_DOWN_SECONDS=30 $(BIN)/python -m pytest -s tests/e2e/test_chaos.py tests/e2e/test_chaos_recovery.py $(PYTEST_ARGS)
 
 .PHONY: pool-load
