@@ -4,6 +4,7 @@ in number and time; and the task wrapper records what escapes a task."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
+from shared import jobs
 from shared.adapters.dead_letters import DeadLetters, Filter, Status, record_id, record_key
 from shared.jobs import PROVISION, TEARDOWN, labvirt_task
 
@@ -135,8 +137,20 @@ def test_listing_filters_and_pages_newest_first(letters: DeadLetters, clock: Clo
     assert [letter.task for letter in letters.list(Filter(session_id="s-9"))[0]] == [TEARDOWN]
 
 
-def test_the_task_wrapper_records_what_escapes_a_task(client: redis.Redis) -> None:
-    app = Celery("dead-letter-test", broker="memory://")
+def test_the_task_wrapper_records_what_escapes_a_task(
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = Celery("dead-letter-test", broker="memory://", set_as_current=False)
+    # Declared on this app alone, which is closed after: a shared task would stay registered
+    # for every app made later in the run, in the real teardown's place.
+    monkeypatch.setattr(jobs, "shared_task", functools.partial(app.task, shared=False))
+    try:
+        _record_what_escapes(app, client)
+    finally:
+        app.close()
+
+
+def _record_what_escapes(app: Celery, client: redis.Redis) -> None:
     store = DeadLetters(client)
     app.labvirt_dead_letters = store  # what attach_runtime sets on a worker's app
     calls: list[str] = []
