@@ -42,6 +42,7 @@ from tests.e2e.chaos_measures import (
     report,
 )
 from tests.e2e.harness import ADMIN_TOKEN, Proc, System, start, start_system, wait_until
+from tests.e2e.test_metrics_e2e import samples_of, total, worker_url
 
 pytestmark = pytest.mark.e2e
 
@@ -295,6 +296,10 @@ def test_a_workers_child_killed_mid_run_loses_no_session(
             # The worker itself never stopped: its pool replaced every child.
             check_still_running(system, first)
             assert len(pool_children(worker.process.pid)) == 4
+            # The children's series reach the worker's one /metrics (their shared directory):
+            # every session's environment was created, and timed, in a child.
+            samples = samples_of(worker_url(system, "worker"))
+            assert total(samples, "labvirt_provisioning_duration_seconds_count") >= SESSIONS
             judge_kills(
                 system, run, calls, fault_free, capsys, back=back, sessions=sessions, pools=True
             )
