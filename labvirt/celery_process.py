@@ -6,7 +6,7 @@ schedules: it needs the Celery app and nothing else.
 
 With ``LABVIRT_WORKER_POOL=prefork`` the tasks run in child processes. The informers stay in
 the parent; each child builds its own runtime when it starts (``worker_process_init``), so it
-shares no connection, lock or thread with the parent. A child that dies mid-task (SIGKILL, an
+uses none of the parent's Redis or Kubernetes connections. A child that dies mid-task (SIGKILL, an
 OOM kill) has its task handed back to the queue at once (``reject_on_worker_lost``), and the
 pool starts a new child.
 """
@@ -37,9 +37,13 @@ def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     structlog.contextvars.bind_contextvars(task_id=task_id, task=getattr(task, "name", None))
 
 
+# What this process's log lines say it is: "worker", or "worker-child" in a prefork child.
+_process_name = ["worker"]
+
+
 def _clear_task(**_: Any) -> None:
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(process="worker")
+    structlog.contextvars.bind_contextvars(process=_process_name[0])
 
 
 def wire_worker(settings: Settings, *, queues: list[str]) -> tuple[Celery, Runtime]:
@@ -76,6 +80,7 @@ def _own_runtime(app: Celery, settings: Settings, inherited: Runtime, **_: Any) 
     runtime = build_runtime(settings, celery=app, clusters=Clusters(settings))
     attach_runtime(app, runtime)
     runtime.service(Reconciler, build_reconciler)
+    _process_name[0] = "worker-child"
     structlog.contextvars.bind_contextvars(process="worker-child")
     log.info("worker.child_wired")
 
