@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -12,6 +13,7 @@ from urllib.parse import urlparse
 import pytest
 import redis
 
+from shared.adapters.pool_store import RedisPoolStore
 from shared.adapters.redis_server import EmbeddedRedis
 
 # ../shared/kubevirt beside the checkout: KubeVirt's schema and examples.
@@ -145,3 +147,18 @@ def connect(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
     for client in clients:
         client.close()
     flush_database(redis_url)
+
+
+@pytest.fixture
+def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
+    """Warm pools in the suite's real Redis (their Lua scripts need one), under a prefix of
+    this test's own; its keys removed afterwards."""
+    client = redis.Redis.from_url(redis_url)
+    prefix = f"test-pools-{uuid.uuid4().hex[:8]}"
+    try:
+        yield RedisPoolStore(client, prefix=prefix)
+    finally:
+        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()

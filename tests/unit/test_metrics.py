@@ -256,17 +256,6 @@ def test_a_session_failed_while_booting_is_a_provisioning_failure() -> None:
 # -- the outcome of each create --------------------------------------------------------------
 
 
-@pytest.fixture
-def pools(redis_url: str) -> Iterator[RedisPoolStore]:
-    connection = redis.Redis.from_url(redis_url)
-    prefix = f"test-metrics-{uuid.uuid4().hex[:8]}"
-    yield RedisPoolStore(connection, prefix=prefix)
-    keys = list(connection.scan_iter(f"{prefix}:*", count=1000))
-    if keys:
-        connection.delete(*keys)
-    connection.close()
-
-
 def requests_of(
     outcome: str, *, template: str = "ubuntu", region: str = "local", reason: str = ""
 ) -> float:
@@ -286,8 +275,8 @@ def create(api: PoolsApi, user: str, *, token: str | None = FRONTEND, **body: ob
     return response.status_code
 
 
-def test_creates_count_warm_cold_and_reconnected(pools: RedisPoolStore) -> None:
-    api = PoolsApi(pools)
+def test_creates_count_warm_cold_and_reconnected(pool_store: RedisPoolStore) -> None:
+    api = PoolsApi(pool_store)
     api.warm_up(1)
     warm, cold, again = requests_of("warm"), requests_of("cold"), requests_of("reconnected")
     ready = {"template": "ubuntu", "region": "local", "path": "warm"}
@@ -315,8 +304,10 @@ def all_requests() -> float:
     )
 
 
-def test_refused_creates_count_as_rejected_with_labvirt_names_only(pools: RedisPoolStore) -> None:
-    api = PoolsApi(pools)
+def test_refused_creates_count_as_rejected_with_labvirt_names_only(
+    pool_store: RedisPoolStore,
+) -> None:
+    api = PoolsApi(pool_store)
     made_up = {"template": "unknown", "region": "unknown", "reason": "unknown_template"}
     atlantis = {"region": "unknown", "reason": "unknown_region"}
     limit = {"template": "kubernetes", "region": "unknown", "reason": "session_limit"}
@@ -335,16 +326,18 @@ def test_refused_creates_count_as_rejected_with_labvirt_names_only(pools: RedisP
     assert requests_of("rejected", **limit) == before["limit"] + 1
 
 
-def test_a_create_without_a_platform_token_is_no_session_request(pools: RedisPoolStore) -> None:
-    api = PoolsApi(pools)
+def test_a_create_without_a_platform_token_is_no_session_request(
+    pool_store: RedisPoolStore,
+) -> None:
+    api = PoolsApi(pool_store)
     before = all_requests()
     assert create(api, "frank", token=None) == 401
     assert create(api, "frank", token=ADMIN[::-1]) == 401
     assert all_requests() == before
 
 
-def test_a_replayed_create_counts_once(pools: RedisPoolStore) -> None:
-    api = PoolsApi(pools)
+def test_a_replayed_create_counts_once(pool_store: RedisPoolStore) -> None:
+    api = PoolsApi(pool_store)
     cold = requests_of("cold")
     for _ in range(3):
         response = api.call(
@@ -358,8 +351,8 @@ def test_a_replayed_create_counts_once(pools: RedisPoolStore) -> None:
     assert requests_of("cold") == cold + 1
 
 
-def test_the_api_serves_its_series_and_redis_state_to_a_scraper(pools: RedisPoolStore) -> None:
-    api = PoolsApi(pools)
+def test_the_api_serves_its_series_and_redis_state_to_a_scraper(pool_store: RedisPoolStore) -> None:
+    api = PoolsApi(pool_store)
     assert create(api, "erin") == 201
     answer = api.client.get("/metrics", headers={"Authorization": f"Bearer {ADMIN}"})
     assert answer.status_code == 200

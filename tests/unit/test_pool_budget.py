@@ -7,13 +7,9 @@ one VM, kubernetes two.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
-import pytest
-import redis
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -160,19 +156,6 @@ class BudgetApi:
 
     def config(self, key: PoolKey) -> PoolConfig:
         return self.pools.config(key, default=PoolConfig())
-
-
-@pytest.fixture
-def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"test-budget-{uuid.uuid4().hex[:8]}"
-    try:
-        yield RedisPoolStore(client, prefix=prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def over_budget(response: TestResponse) -> dict[str, Any]:

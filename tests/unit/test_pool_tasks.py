@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from kubernetes import client
 
 from labvirt.sim.testing import SimHandle, running_simulator_in_thread, wait_until
@@ -87,19 +85,6 @@ def empty_cluster(cluster: KubeCluster) -> Iterator[None]:
     wait_until(lambda: not cluster.list_vmis(MANAGED_BY_SELECTOR)[0], timeout=10)
 
 
-@pytest.fixture
-def pools(redis_url: str) -> Iterator[RedisPoolStore]:
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"test-pool-tasks-{uuid.uuid4().hex[:8]}"
-    try:
-        yield RedisPoolStore(client, prefix=prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
 @dataclass
 class World:
     """What a worker holds: the pool store, the sessions' life and the (recorded) task queue."""
@@ -121,7 +106,7 @@ class World:
 
 
 @pytest.fixture
-def world(pools: RedisPoolStore) -> World:
+def world(pool_store: RedisPoolStore) -> World:
     client = fakeredis.FakeRedis()
     sessions = RedisSessionStore(client)
     celery = RecordingCelery()
@@ -129,9 +114,9 @@ def world(pools: RedisPoolStore) -> World:
         store=sessions,
         events=SessionEvents(client),
         queue=TaskQueue(celery),  # type: ignore[arg-type]
-        pools=pools,
+        pools=pool_store,
     )
-    return World(pools, sessions, celery, life)
+    return World(pool_store, sessions, celery, life)
 
 
 @contextmanager

@@ -6,13 +6,10 @@ key prefix of each test's own.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -97,19 +94,6 @@ class PoolsApi:
         for env in reserved:
             assert self.pools.mark_ready(key, env.id, vms=VMS, at=at + 30)
         return [env.id for env in reserved]
-
-
-@pytest.fixture
-def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"test-api-{uuid.uuid4().hex[:8]}"
-    try:
-        yield RedisPoolStore(client, prefix=prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture

@@ -8,13 +8,10 @@ scripts), under a key prefix of each test's own. Last, the prewarmer's share of 
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from flask.testing import FlaskClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -207,19 +204,6 @@ def refused(response: TestResponse, code: str) -> dict[str, Any]:
     body: dict[str, Any] = response.get_json()
     assert body["code"] == code, body
     return body
-
-
-@pytest.fixture
-def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"test-caps-{uuid.uuid4().hex[:8]}"
-    try:
-        yield RedisPoolStore(client, prefix=prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def test_an_explicit_region_at_its_session_cap_answers_503_naming_it(

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -109,19 +106,6 @@ class RegionsApi:
         """Workers reported the region once; its heartbeat has since expired."""
         self.state.heartbeat(["eu", "us"], ttl_seconds=60)
         self.redis.delete(f"labvirt:region:{region}:alive")
-
-
-@pytest.fixture
-def pool_store(redis_url: str) -> Iterator[RedisPoolStore]:
-    client = redis.Redis.from_url(redis_url)
-    prefix = f"test-regions-{uuid.uuid4().hex[:8]}"
-    try:
-        yield RedisPoolStore(client, prefix=prefix)
-    finally:
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 @pytest.fixture
