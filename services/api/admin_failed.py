@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from flask import Blueprint, Response, jsonify, request
 from marshmallow import RAISE, Schema, fields, validate
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.routing import BaseConverter
 
 from services.api.admin_schemas import (
     FAILURE_ID_PATTERN,
@@ -39,7 +39,15 @@ from shared.jobs import PROVISION
 
 admin_failed = Blueprint("admin_failed", __name__)
 
-_FAILURE_ID: Final = re.compile(FAILURE_ID_PATTERN)
+
+class FailureIdConverter(BaseConverter):
+    """``<failure:...>`` in a route: a record's id and nothing else. So
+    ``/v1/admin/failed/requeue`` is only the POST that requeues every match (any other
+    method there is 405), and a malformed id never reaches a view."""
+
+    regex = FAILURE_ID_PATTERN.removeprefix("^").removesuffix("$")
+
+
 _STATUSES: Final = (Status.FAILED, Status.REQUEUED, Status.RESOLVED)
 MAX_PAGE: Final = 500
 _PAGE_SIZE: Final = validate.Range(min=1, max=MAX_PAGE, error="a whole number from {min} to {max}")
@@ -114,15 +122,8 @@ def requested_by(token_digest: str, operator: str) -> str:
     return f"{name} (admin {fingerprint})" if name else f"admin {fingerprint}"
 
 
-def _not_the_collection_action(failure_id: str) -> None:
-    """``/v1/admin/failed/requeue`` is the POST that requeues every match, not a record: any
-    other method there is 405 (with ``Allow: POST``), not "no such record"."""
-    if failure_id == "requeue":
-        raise MethodNotAllowed(valid_methods=["POST"])
-
-
 def _letter(failure_id: str) -> DeadLetter:
-    letter = runtime().dead_letters.get(failure_id) if _FAILURE_ID.fullmatch(failure_id) else None
+    letter = runtime().dead_letters.get(failure_id)
     if letter is None:
         raise ApiError(404, "failure_not_found", "no such failed task")
     return letter
@@ -145,19 +146,15 @@ def list_failed() -> Response:
     return jsonify(FailurePageAnswer().dump(page))
 
 
-@admin_failed.get("/v1/admin/failed/<failure_id>")
+@admin_failed.get("/v1/admin/failed/<failure:failure_id>")
 @documented(
     summary="One record, whole",
     answers={200: FailureAnswer},
     security=OPERATORS,
-    errors={
-        404: "`failure_not_found`.",
-        405: "`requeue` is no record: `POST /v1/admin/failed/requeue` requeues every match.",
-    },
+    errors={404: "`failure_not_found`."},
 )
 def show_failed(failure_id: str) -> Response:
     admin_caller()
-    _not_the_collection_action(failure_id)
     return jsonify(FailureAnswer().dump(_letter(failure_id)))
 
 
@@ -180,7 +177,7 @@ def _ready_to_run(letter: DeadLetter) -> None:
         ) from exc
 
 
-@admin_failed.post("/v1/admin/failed/<failure_id>/requeue")
+@admin_failed.post("/v1/admin/failed/<failure:failure_id>/requeue")
 @documented(
     summary="Queue the task again, once",
     answers={200: RequeuedAnswer},
@@ -234,19 +231,15 @@ def requeue_matching() -> Response:
     return jsonify(RequeuedManyAnswer().dump({"requeued": requeued, "skipped": skipped}))
 
 
-@admin_failed.delete("/v1/admin/failed/<failure_id>")
+@admin_failed.delete("/v1/admin/failed/<failure:failure_id>")
 @documented(
     summary="Purge a record",
     answers={200: PurgedAnswer},
     security=OPERATORS,
-    errors={
-        404: "`failure_not_found`.",
-        405: "`requeue` is no record: `POST /v1/admin/failed/requeue` requeues every match.",
-    },
+    errors={404: "`failure_not_found`."},
 )
 def purge_failed(failure_id: str) -> tuple[Response, int]:
     admin_caller()
-    _not_the_collection_action(failure_id)
     _letter(failure_id)
     runtime().dead_letters.purge(failure_id)
     return jsonify(PurgedAnswer().dump({"purged": failure_id})), 200

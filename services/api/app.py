@@ -8,7 +8,7 @@ import structlog
 from flask import Flask, Response, g, request
 
 from services.api.admin import admin as admin_blueprint
-from services.api.admin_failed import admin_failed
+from services.api.admin_failed import FailureIdConverter, admin_failed
 from services.api.admin_regions import admin_regions
 from services.api.context import RUNTIME_KEY
 from services.api.docs import docs
@@ -48,6 +48,7 @@ def create_app(runtime: Runtime) -> Flask:
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    app.url_map.converters["failure"] = FailureIdConverter  # before the routes that use it
     app.register_blueprint(blueprint)
     app.register_blueprint(admin_blueprint)
     app.register_blueprint(admin_regions)

@@ -182,7 +182,7 @@ def pause_pool(template: str) -> Response:
     return _act("pools.pause", act)
 
 
-@ops_ui.post(f"{PAGE}/failed/<failure_id>/requeue")
+@ops_ui.post(f"{PAGE}/failed/<failure:failure_id>/requeue")
 @browser_page
 def requeue(failure_id: str) -> Response:
     def act(who: SignedIn) -> str:

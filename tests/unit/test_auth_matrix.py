@@ -27,6 +27,7 @@ session" (404, the same answer as for an absent one).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -144,9 +145,9 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("/v1/admin/regions", "GET"): Route(Access.ADMIN, 200),
     ("/v1/admin/regions/<region>", "PUT"): Route(Access.ADMIN, 200, {"drained": True}),
     ("/v1/admin/failed", "GET"): Route(Access.ADMIN, 200),
-    ("/v1/admin/failed/<failure_id>", "GET"): Route(Access.ADMIN, 200),
-    ("/v1/admin/failed/<failure_id>", "DELETE"): Route(Access.ADMIN, 200),
-    ("/v1/admin/failed/<failure_id>/requeue", "POST"): Route(Access.ADMIN, 200),
+    ("/v1/admin/failed/<failure:failure_id>", "GET"): Route(Access.ADMIN, 200),
+    ("/v1/admin/failed/<failure:failure_id>", "DELETE"): Route(Access.ADMIN, 200),
+    ("/v1/admin/failed/<failure:failure_id>/requeue", "POST"): Route(Access.ADMIN, 200),
     ("/v1/admin/failed/requeue", "POST"): Route(Access.ADMIN, 200, {}),
     ("/v1/admin/sessions", "GET"): Route(Access.ADMIN, 200),
     ("/metrics", "GET"): Route(Access.METRICS, 200),
@@ -158,7 +159,7 @@ ROUTES: dict[tuple[str, str], Route] = {
     ("/ui/ops/pools/<template>/paused", "POST"): Route(
         Access.DASHBOARD, 401, form={"paused": "true"}
     ),
-    ("/ui/ops/failed/<failure_id>/requeue", "POST"): Route(Access.DASHBOARD, 401),
+    ("/ui/ops/failed/<failure:failure_id>/requeue", "POST"): Route(Access.DASHBOARD, 401),
     ("/ui/ops/static/<asset>", "GET"): Route(Access.DASHBOARD, 200),
 }
 
@@ -233,7 +234,7 @@ class World:
         for name, value in self.path_values.items():
             if rule.startswith("/ui/ops/static/") and name == "asset":
                 value = "ops.css"  # noqa: PLW2901 - the dashboard's assets are its own
-            path = path.replace(f"<{name}>", value)
+            path = re.sub(rf"<(?:\w+:)?{name}>", value, path)
         token = self.tokens[credential]
         headers = {} if token is None else {"Authorization": f"Bearer {token}"}
         if form is not None:
